@@ -1,0 +1,1 @@
+"""Hydra configuration tree of uae_lightning (a package so that it ships inside the wheel)."""

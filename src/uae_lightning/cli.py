@@ -1,0 +1,121 @@
+"""The command line: compose the config, then run its stages in order, each in its own deterministic directory.
+
+    python -m uae_lightning                              # the embedded toy pipeline (CPU, minutes, no download)
+    python -m uae_lightning +experiment=pretrain data.manifest=/data/train.jsonl
+
+A stage that finished (done.json present) is skipped on a re-run; one that was interrupted resumes from
+checkpoints/last.ckpt. The run ends by writing summary.json and printing its table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from uae_lightning.callbacks.images import ImagePreview
+from uae_lightning.config import validate
+from uae_lightning.rewards.callback import RewardCallback
+
+log = logging.getLogger("uae_lightning")
+
+
+def run_name(override_dirname: str) -> str:
+    """Directory name for a set of overrides: readable when short, hashed when long, "default" when empty."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "-", override_dirname.replace("+", "")) or "default"
+    if len(name) > 96:
+        name = f"{name[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+OmegaConf.register_new_resolver("uae_run_name", run_name, replace=True)
+
+
+def _merged(base: DictConfig, delta) -> DictConfig:
+    """`base` updated with a stage's `delta` (which may add keys, e.g. trainer.max_steps)."""
+    extra = OmegaConf.to_container(delta, resolve=True) if delta is not None else {}
+    return OmegaConf.merge(OmegaConf.to_container(base, resolve=True), extra)
+
+
+def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(_merged(cfg.trainer, cfg.stages[name].trainer))
+    every = trainer_cfg.pop("checkpoint_every_n_steps")
+    callbacks = [
+        RewardCallback(cfg.reward.backbones),
+        ImagePreview(cfg.callbacks.preview_every_n_steps, cfg.callbacks.preview_images),
+        ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=0),
+    ]
+    loggers = []
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version="", default_hp_metric=False))
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers or False, **trainer_cfg)
+
+
+def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from: str | None) -> dict:
+    """Train one stage (or resume it), evaluate it on held-out data, save its weights; returns its done.json."""
+    done_file = stage_dir / "done.json"
+    if done_file.exists():
+        log.info("stage %s already finished in %s; reusing it", name, stage_dir)
+        return json.loads(done_file.read_text())
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed + index, workers=True, verbose=False)
+    data_cfg = _merged(cfg.data, cfg.stages[name].get("data"))
+    datamodule = instantiate(data_cfg, _convert_="all")
+    module = instantiate(
+        cfg.stages[name].module,
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        resolution=data_cfg.resolution,
+        init_from=init_from,
+        _convert_="all",
+    )
+    trainer = build_trainer(cfg, name, stage_dir)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        log.info("stage %s: resuming from %s", name, last)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    metrics = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()}
+    weights = stage_dir / "weights.safetensors"
+    if trainer.is_global_zero:
+        module.save_weights(weights)
+        result = {"metrics": metrics, "weights": str(weights), "data": dict(module.data_counts)}
+        done_file.write_text(json.dumps(result, indent=2))
+    return {"metrics": metrics, "weights": str(weights)}
+
+
+def format_table(summary: dict) -> str:
+    rows = [(stage, k, v) for stage, metrics in summary["stages"].items() for k, v in metrics.items()]
+    width = max([len(f"{s}  {k}") for s, k, _ in rows] + [10])
+    lines = [f"{'stage  metric':<{width}}  value", "-" * (width + 10)]
+    lines += [f"{f'{s}  {k}':<{width}}  {v:.4f}" for s, k, v in rows]
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"stages": {}}
+    init_from = cfg.init_from
+    for index, name in enumerate(cfg.run):
+        log.info("=== stage %d/%d: %s ===", index + 1, len(cfg.run), name)
+        result = run_stage(cfg, name, index, run_dir / name, init_from)
+        summary["stages"][name] = result["metrics"]
+        init_from = result["weights"]
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    print("\n" + format_table(summary) + f"\n\nsummary: {path}\ntensorboard --logdir {run_dir}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="pkg://uae_lightning.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -1,0 +1,188 @@
+"""One LightningDataModule for every stage: the toy shapes world or image files listed in a manifest.
+
+A batch is a dict: `images` (float [B,3,H,W] in [0,1]), `caption` (long captions), `short_caption`,
+`scene` (toy ground truth as JSON, "" for real data) and `skipped` (a Counter of samples dropped from this batch
+by reason, plus conversions made). Bad samples never reach a stage: they are skipped and counted.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from uae_lightning.data import toy
+from uae_lightning.data.images import SkipSample, load_image
+
+
+class ToyShapes(Dataset):
+    """`size` scenes of the shapes world; split "train" and "val" use disjoint seeds."""
+
+    def __init__(self, size: int, seed: int, resolution: int, max_objects: int, caption_levels: dict[str, float]):
+        self.size, self.seed, self.resolution, self.max_objects = size, seed, resolution, max_objects
+        self.levels = list(caption_levels)
+        self.weights = [caption_levels[k] for k in self.levels]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        scene = toy.make_scene(self.seed, i, self.max_objects)
+        # The short caption's level is drawn per sample (seeded by index) from the configured mixture.
+        level = random.Random(self.seed * 7919 + i).choices(self.levels, self.weights)[0]
+        return {
+            "image": torch.from_numpy(toy.image_array(scene, self.resolution).copy()).permute(2, 0, 1),
+            "caption": toy.caption(scene, "complete"),
+            "short_caption": toy.caption(scene, level),
+            "scene": json.dumps(scene.to_dict()),
+        }
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a JSONL or CSV manifest with `path` (relative to the manifest's folder or absolute), `caption` and
+    optionally `short_caption`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.manifest: no such file {path}")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"data.manifest: {path} line {n} is not JSON: {e}") from e
+    elif path.suffix == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"data.manifest: {path} must end in .jsonl or .csv")
+    if rows and "path" not in rows[0]:
+        raise ValueError(f"data.manifest: {path} rows need a 'path' field; got fields {sorted(rows[0])}")
+    for r in rows:
+        r["path"] = str(path.parent / r["path"]) if not Path(r["path"]).is_absolute() else r["path"]
+    return rows
+
+
+class ManifestImages(Dataset):
+    """Images on disk listed in a manifest; unreadable or caption-less rows come back as skip markers."""
+
+    def __init__(self, rows: list[dict[str, str]], resolution: int, min_side: int, max_pixels: int):
+        self.rows, self.resolution, self.min_side, self.max_pixels = rows, resolution, min_side, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        caption = " ".join(str(row.get("caption") or "").split())
+        if not caption:
+            return {"skip": "empty_caption"}
+        try:
+            img, converted = load_image(row["path"], self.resolution, self.min_side, self.max_pixels)
+        except SkipSample as e:
+            return {"skip": e.reason}
+        out = {
+            "image": torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1),
+            "caption": caption,
+            "short_caption": " ".join(str(row.get("short_caption") or "").split()) or caption,
+            "scene": "",
+        }
+        if converted:
+            out["converted"] = converted
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the good samples; count the skipped ones and the conversions under `skipped`."""
+    counts: Counter = Counter()
+    good = []
+    for s in samples:
+        if "skip" in s:
+            counts[f"skipped_{s['skip']}"] += 1
+            continue
+        if "converted" in s:
+            counts[f"converted_{s['converted']}"] += 1
+        good.append(s)
+    batch: dict = {"skipped": counts}
+    if good:
+        batch["images"] = torch.stack([s["image"] for s in good]).float() / 255.0
+        for key in ("caption", "short_caption", "scene"):
+            batch[key] = [s[key] for s in good]
+    return batch
+
+
+class UAEDataModule(L.LightningDataModule):
+    """The shared DataModule. `source="toy"` generates the shapes world; `source="manifest"` reads files."""
+
+    def __init__(
+        self,
+        source: str = "toy",
+        resolution: int = 32,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_size: int = 4096,
+        val_size: int = 64,
+        max_objects: int = 3,
+        caption_levels: dict[str, float] | None = None,
+        manifest: str | None = None,
+        val_manifest: str | None = None,
+        val_fraction: float = 0.01,
+        min_side: int = 16,
+        max_pixels: int = 8192 * 8192,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        if h.source == "toy":
+            levels = dict(h.caption_levels or {"short": 1.0})
+            self.train_set = ToyShapes(h.train_size, h.seed, h.resolution, h.max_objects, levels)
+            self.val_set = ToyShapes(h.val_size, h.seed + 10_000, h.resolution, h.max_objects, levels)
+            return
+        rows = read_manifest(h.manifest)
+        if h.val_manifest:
+            val_rows = read_manifest(h.val_manifest)
+        else:
+            order = list(range(len(rows)))
+            random.Random(h.seed).shuffle(order)
+            n_val = max(1, int(len(rows) * h.val_fraction))
+            val_rows = [rows[i] for i in order[:n_val]]
+            rows = [rows[i] for i in order[n_val:]]
+        self.train_set = ManifestImages(rows, h.resolution, h.min_side, h.max_pixels)
+        self.val_set = ManifestImages(val_rows, h.resolution, h.min_side, h.max_pixels)
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=gen if shuffle else None,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate,
+            drop_last=shuffle,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

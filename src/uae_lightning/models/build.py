@@ -1,0 +1,181 @@
+"""Build the encoder, connector and decoder from config: tiny random toy models, random models of the paper's
+architectures (for shape tests and GPU benchmarks), or Hugging Face checkpoints by id or local path.
+
+All three routes construct the same classes (Qwen2_5_VLForConditionalGeneration, SD3Transformer2DModel,
+AutoencoderKL, FlowMatchEulerDiscreteScheduler), so the toy run exercises the paper-scale code paths.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from uae_lightning.data.tokenizer import build_toy_processor
+from uae_lightning.models.connector import Connector
+from uae_lightning.models.decoder import Decoder
+from uae_lightning.models.encoder import Encoder
+
+ENCODER_ARCHITECTURES = ("toy", "qwen2_5_vl_3b")
+DECODER_ARCHITECTURES = ("toy", "sd35_large")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Qwen2.5-VL-3B-Instruct's published config (hidden 2048), for random-initialised paper-size models.
+QWEN25_VL_3B = dict(
+    text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                     num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                     rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=True,
+)
+# SD3.5-large's MMDiT (8.06 B parameters) and VAE configs.
+SD35_LARGE_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                              attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                              caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                              qk_norm="rms_norm")
+SD35_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False)
+
+
+def _dtype(name: str, key: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r}; expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def toy_encoder_config(tiny: dict[str, Any], tokenizer) -> Qwen2_5_VLConfig:
+    h, heads = tiny["hidden_size"], tiny["num_heads"]
+    half = h // heads // 2  # mrope sections (temporal, height, width) must add up to head_dim / 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=4 * h,
+                         num_hidden_layers=tiny["num_layers"], num_attention_heads=heads,
+                         num_key_value_heads=tiny["num_kv_heads"], max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=tiny["vision_depth"], hidden_size=tiny["vision_hidden_size"],
+                           intermediate_size=2 * tiny["vision_hidden_size"], num_heads=tiny["vision_num_heads"],
+                           patch_size=tiny["patch_size"], spatial_merge_size=tiny["merge_size"], temporal_patch_size=2,
+                           out_hidden_size=h, window_size=tiny["patch_size"] * tiny["merge_size"] * 4,
+                           fullatt_block_indexes=list(range(tiny["vision_depth"]))),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def build_encoder(cfg: dict, resolution: int, condition_padding: str) -> Encoder:
+    """`cfg` is `model.encoder`: `pretrained` (id or path) wins; otherwise `architecture` builds random weights."""
+    dtype = _dtype(cfg["dtype"], "model.encoder.dtype")
+    if cfg.get("pretrained"):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg["pretrained"], dtype=dtype)
+        processor = AutoProcessor.from_pretrained(cfg["pretrained"], **cfg.get("processor_kwargs", {}))
+    elif cfg["architecture"] == "toy":
+        tiny = cfg["tiny"]
+        processor = build_toy_processor(resolution, tiny["patch_size"], tiny["merge_size"])
+        model = Qwen2_5_VLForConditionalGeneration(toy_encoder_config(tiny, processor.tokenizer)).to(dtype)
+    elif cfg["architecture"] == "qwen2_5_vl_3b":
+        processor = build_toy_processor(resolution, 14, 2)  # no download: the toy vocabulary is a subset of ids
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B)).to(dtype)
+    else:
+        raise ValueError(f"model.encoder.architecture={cfg['architecture']!r}; expected one of {ENCODER_ARCHITECTURES}")
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return Encoder(
+        model, processor, prompt=cfg["prompt"], generate_role=cfg["generate_role"], conditioning=cfg["conditioning"],
+        condition_padding=condition_padding, max_condition_tokens=cfg["max_condition_tokens"],
+    )
+
+
+def _pooled(cfg: dict, dim: int) -> torch.Tensor:
+    """The frozen pooled projection (PAPER.md: SD3.5's CLIP-L+G pooled embedding of the empty prompt)."""
+    spec = cfg["pooled"]
+    if spec == "zeros":
+        return torch.zeros(dim)
+    if spec == "sd3_empty_prompt":
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        parts = []
+        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            tokenizer = CLIPTokenizer.from_pretrained(cfg["pretrained"], subfolder=tok)
+            model = CLIPTextModelWithProjection.from_pretrained(cfg["pretrained"], subfolder=enc)
+            ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            with torch.no_grad():
+                parts.append(model(ids).text_embeds[0])
+        return torch.cat(parts)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"model.decoder.pooled={spec!r}: expected 'zeros', 'sd3_empty_prompt' or a .pt file")
+    vec = torch.load(path, map_location="cpu").reshape(-1)
+    if vec.numel() != dim:
+        raise ValueError(f"model.decoder.pooled: {path} holds {vec.numel()} values; the decoder expects {dim}")
+    return vec
+
+
+def build_decoder(cfg: dict, resolution: int, condition_padding: str) -> Decoder:
+    dtype = _dtype(cfg["dtype"], "model.decoder.dtype")
+    if cfg.get("pretrained"):
+        transformer = SD3Transformer2DModel.from_pretrained(cfg["pretrained"], subfolder="transformer", torch_dtype=dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(cfg["pretrained"], subfolder="scheduler")
+        vae = AutoencoderKL.from_pretrained(cfg["pretrained"], subfolder="vae", torch_dtype=dtype) if cfg["vae"] else None
+    elif cfg["architecture"] == "toy":
+        t = cfg["tiny"]
+        vae = None
+        if cfg["vae"]:
+            raise ValueError("model.decoder.vae=true needs model.decoder.pretrained (the toy decoder works in pixels)")
+        transformer = SD3Transformer2DModel(
+            sample_size=resolution, patch_size=t["patch_size"], in_channels=3, out_channels=3,
+            num_layers=t["num_layers"], attention_head_dim=t["head_dim"], num_attention_heads=t["num_heads"],
+            joint_attention_dim=t["joint_attention_dim"], caption_projection_dim=t["head_dim"] * t["num_heads"],
+            pooled_projection_dim=t["pooled_projection_dim"], pos_embed_max_size=resolution // t["patch_size"],
+        )
+        transformer = transformer if dtype == torch.float32 else transformer.to(dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg["shift"])
+    elif cfg["architecture"] == "sd35_large":
+        transformer = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER).to(dtype)
+        vae = AutoencoderKL(**SD35_VAE).to(dtype) if cfg["vae"] else None
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg["shift"])
+    else:
+        raise ValueError(f"model.decoder.architecture={cfg['architecture']!r}; expected one of {DECODER_ARCHITECTURES}")
+    pooled = _pooled(cfg, transformer.config.pooled_projection_dim)
+    return Decoder(transformer, scheduler, vae, pooled, mask_condition=condition_padding == "mask")
+
+
+def build_connector(cfg: dict, encoder: Encoder, decoder: Decoder) -> Connector:
+    """Sizes come from the two models: encoder hidden size in, decoder joint_attention_dim out."""
+    return Connector(encoder.hidden_size, decoder.joint_attention_dim, cfg["hidden_multiplier"])
+
+
+def lora_config(cfg: dict) -> LoraConfig:
+    return LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=cfg.get("dropout", 0.0),
+                      target_modules=cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"]))
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with every LoRA adapter merged into its base weight and no adapter keys: loads into the plain
+    model, so the next stage (or an export) starts from the trained weights."""
+    tuners = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for m in tuners:
+        m.merge()
+    try:
+        sd = {}
+        for k, v in module.state_dict().items():
+            if "lora_" in k:
+                continue
+            sd[k.replace(".base_layer.", ".")] = v.detach().clone()
+    finally:
+        for m in tuners:
+            m.unmerge()
+    return sd

@@ -1,0 +1,13 @@
+"""The connector between encoder and decoder: Linear(h -> m*h) -> GELU -> Linear(m*h -> joint_attention_dim).
+
+PAPER.md "Architecture": at paper scale 2048 -> 8192 -> 4096, applied to every conditioning token.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class Connector(nn.Sequential):
+    def __init__(self, in_dim: int, out_dim: int, hidden_multiplier: int = 4):
+        super().__init__(nn.Linear(in_dim, hidden_multiplier * in_dim), nn.GELU(), nn.Linear(hidden_multiplier * in_dim, out_dim))
+        self.in_dim, self.out_dim = in_dim, out_dim

@@ -1,0 +1,154 @@
+"""The encoder (image understanding): a Qwen2.5-VL LVLM that captions images and encodes text for the decoder.
+
+PAPER.md "Architecture": the decoder is conditioned on `hidden_states[-1]` (after the final norm) of every token of
+a text-only chat message with the role "generate". The caption *text* is the bottleneck between the two models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+CONDITIONING_MODES = ("text", "in_context")
+PADDING_MODES = ("mask", "pad")
+
+
+@dataclass
+class Captions:
+    """Sampled captions: `sequences` = prompt + completion ids, `completion_mask` marks completion tokens up to and
+    including EOS; `texts` are the decoded completions."""
+
+    texts: list[str]
+    sequences: torch.Tensor
+    prompt_length: int
+    completion_mask: torch.Tensor
+    prompt_inputs: dict
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        model: Qwen2_5_VLForConditionalGeneration,
+        processor: Qwen2_5_VLProcessor,
+        prompt: str = "describe this image",
+        generate_role: str = "generate",
+        conditioning: str = "text",
+        condition_padding: str = "mask",
+        max_condition_tokens: int = 512,
+    ):
+        super().__init__()
+        if conditioning not in CONDITIONING_MODES:
+            raise ValueError(f"model.encoder.conditioning={conditioning!r}; expected one of {CONDITIONING_MODES}")
+        if condition_padding not in PADDING_MODES:
+            raise ValueError(f"model.encoder.condition_padding={condition_padding!r}; expected one of {PADDING_MODES}")
+        self.model = model
+        self.processor = processor
+        self.prompt = prompt
+        self.generate_role = generate_role
+        self.conditioning = conditioning
+        self.condition_padding = condition_padding
+        self.max_condition_tokens = max_condition_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # ---- understanding: image -> caption -------------------------------------------------------------------------
+    def _images_for_processor(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [(img.clamp(0, 1) * 255).round().to(torch.uint8).cpu() for img in images]
+
+    def caption_inputs(self, images: torch.Tensor) -> dict:
+        """Processor inputs for the captioning prompt of a batch of images (float [B,3,H,W] in [0,1])."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(
+            text=[text] * len(images), images=self._images_for_processor(images), return_tensors="pt", padding=True
+        )
+        return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: torch.Tensor,
+        num_return_sequences: int = 1,
+        do_sample: bool = True,
+        temperature: float = 0.7,
+        max_new_tokens: int = 512,
+    ) -> Captions:
+        """Sample (or greedily decode) captions with the KV cache; returns ids, masks and texts."""
+        inputs = self.caption_inputs(images)
+        tok = self.tokenizer
+        out = self.model.generate(
+            **inputs,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_k=0 if do_sample else None,
+            top_p=1.0 if do_sample else None,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            use_cache=True,
+        )
+        prompt_len = inputs["input_ids"].shape[1]
+        completion = out[:, prompt_len:]
+        is_eos = completion == tok.eos_token_id
+        # Keep tokens up to and including the first EOS.
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        mask = ~after_eos
+        texts = [" ".join(t.split()) for t in tok.batch_decode(completion.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)]
+        return Captions(texts, out, prompt_len, mask, inputs)
+
+    # ---- conditioning: text -> decoder input ---------------------------------------------------------------------
+    def generate_message(self, text: str) -> str:
+        return self.processor.apply_chat_template(
+            [{"role": self.generate_role, "content": [{"type": "text", "text": text}]}], tokenize=False
+        )
+
+    def condition(self, texts: list[str], images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states for the decoder and their mask ([B,L,H], [B,L] bool).
+
+        `text` mode (default, the text bottleneck): a text-only "generate" message per text.
+        `in_context` mode: the caption's hidden states from a pass that also sees `images` — this leaks image
+        information past the caption text, so it is never the Unified-Bench default.
+        """
+        if self.conditioning == "in_context":
+            if images is None:
+                raise ValueError("model.encoder.conditioning='in_context' needs the source images")
+            return self._condition_in_context(texts, images)
+        tok = self.tokenizer
+        prompts = [self.generate_message(t) for t in texts]
+        pad_to_max = self.condition_padding == "pad"
+        enc = tok(
+            prompts,
+            return_tensors="pt",
+            padding="max_length" if pad_to_max else "longest",
+            truncation=True,
+            max_length=self.max_condition_tokens,
+            padding_side="right",
+        ).to(self.model.device)
+        hidden = self.model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        mask = enc.attention_mask.bool()
+        if pad_to_max:  # the official release lets the decoder attend the pad tokens
+            mask = torch.ones_like(mask)
+        return hidden, mask
+
+    def _condition_in_context(self, texts: list[str], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.caption_inputs(images)
+        tok = self.tokenizer
+        cap = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding="longest", padding_side="right",
+                  truncation=True, max_length=self.max_condition_tokens).to(self.model.device)
+        ids = torch.cat([inputs["input_ids"], cap.input_ids], 1)
+        att = torch.cat([inputs["attention_mask"], cap.attention_mask], 1)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        if "mm_token_type_ids" in extra:
+            extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(cap.input_ids)], 1)
+        hidden = self.model.model(input_ids=ids, attention_mask=att, **extra).last_hidden_state
+        n = cap.input_ids.shape[1]
+        return hidden[:, -n:], cap.attention_mask.bool()

@@ -1,0 +1,73 @@
+"""Stage 1 — decoder pre-training on long captions (PAPER.md "Stage 1").
+
+Encoder frozen; connector + DiT (full or LoRA) learn the SD3 rectified-flow objective:
+z_t = (1 - t) z0 + t eps, target = eps - z0, loss = mean(w(t) (v_theta(z_t, t, c) - target)^2),
+with c = connector(encoder hidden states of the caption's text-only "generate" message).
+"""
+from __future__ import annotations
+
+import torch
+
+from uae_lightning.models.flow import flow_matching_loss, noisy_latents, sample_t
+from uae_lightning.stages.base import UAEStage
+
+
+class DecoderPretraining(UAEStage):
+    def __init__(
+        self,
+        model: dict,
+        resolution: int,
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        caption_dropout: float = 0.1,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+        eval_steps: int = 10,
+        eval_seed: int = 1234,
+    ):
+        super().__init__(model, resolution, init_from)
+        self.save_hyperparameters(ignore=["init_from"])
+
+    def configure_trainable(self) -> None:
+        self.train_decoder(self.hparams.lora, self.hparams.gradient_checkpointing)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if not self.count_data(batch):
+            return None
+        h = self.hparams
+        images, captions = batch["images"], list(batch["caption"])
+        # Drop captions at random so the decoder also learns the unconditional field (classifier-free guidance).
+        drop = torch.rand(len(captions)) < h.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            hidden, mask = self.encoder.condition(captions)
+            z0 = self.decoder.encode(images)
+        cond = self.connector(hidden)
+        noise = torch.randn_like(z0)
+        t = sample_t(len(z0), h.weighting_scheme, h.logit_mean, h.logit_std, h.mode_scale, z0.device)
+        v = self.decoder.velocity(noisy_latents(z0, noise, t), t, cond, mask)
+        loss = flow_matching_loss(v, z0, noise, t, h.weighting_scheme)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out reconstructions from the complete caption vs. from an empty caption, same noise."""
+        if not self.count_data(batch):
+            return
+        images, n = batch["images"], len(batch["images"])
+        seed = self.hparams.eval_seed + batch_idx
+        full = self.reconstruct_from_text(list(batch["caption"]), seed, self.hparams.eval_steps)
+        empty = self.reconstruct_from_text([""] * n, seed, self.hparams.eval_steps)
+        self.log("similarity_complete_caption", self.reward.score(full, images).mean(), batch_size=n)
+        self.log("similarity_empty_caption", self.reward.score(empty, images).mean(), batch_size=n)
+
+    def preview(self, batch: dict) -> dict:
+        """For the image logger: originals and reconstructions from their complete captions."""
+        return {"captions": list(batch["caption"]),
+                "reconstructions": self.reconstruct_from_text(list(batch["caption"]), self.hparams.eval_seed, self.hparams.eval_steps)}

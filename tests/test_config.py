@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from uae_lightning.cli import run_name
+from uae_lightning.config import ConfigError, validate
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_validates_and_instantiates(experiment):
+    overrides = [f"+experiment={experiment}"]
+    if not experiment.startswith("toy"):
+        overrides.append("data.manifest=/data/train.jsonl")
+    cfg = compose_cfg(overrides)
+    validate(cfg)
+    for name in cfg.run:  # the module classes import and accept their config (models are built later)
+        stage = instantiate(cfg.stages[name].module, model=OmegaConf.to_container(cfg.model), resolution=cfg.data.resolution)
+        assert stage.encoder is None  # nothing large is built before configure_model
+    assert OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_default_is_the_toy_pipeline():
+    cfg = compose_cfg()
+    assert cfg.data.source == "toy" and cfg.model.encoder.pretrained is None and cfg.model.decoder.pretrained is None
+    assert list(cfg.run)[0] == "pretrain"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("run=[pretrain,nope]", "run[]"),
+        ("data.resolution=30", "data.resolution"),
+        ("model.condition_padding=trim", "model.condition_padding"),
+        ("model.encoder.conditioning=image", "model.encoder.conditioning"),
+        ("model.decoder.architecture=sd4", "model.decoder.architecture"),
+        ("stages.pretrain.module.lr=-1", "stages.pretrain.module.lr"),
+        ("stages.pretrain.module.weighting_scheme=cosine", "stages.pretrain.module.weighting_scheme"),
+        ("stages.pretrain.module.caption_dropout=1.5", "stages.pretrain.module.caption_dropout"),
+        ("stages.pretrain.trainer.max_steps=0", "stages.pretrain.trainer.max_steps"),
+        ("+reward.backbones.toy_pixelz=1.0", "reward.backbones"),
+        ("reward.backbones.toy_pixels=0", "reward.backbones.toy_pixels"),
+        ("+data.caption_levels.verbose=1.0", "data.caption_levels"),
+    ],
+)
+def test_impossible_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        validate(compose_cfg([override]))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["+experiment=nope"], "Could not find 'experiment/nope'"),
+        (["data.bach_size=3"], "Key 'bach_size' is not in struct"),
+        (["model.condition_padding=trim"], "model.condition_padding='trim' is not valid"),
+    ],
+)
+def test_cli_rejects_bad_configs_before_building_models(args, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "uae_lightning", *args, f"paths.runs_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+    assert "GPU available" not in out.stderr + out.stdout  # no Trainer, so no model, was ever built
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_paper_preset_prints_with_cfg_job():
+    out = subprocess.run([sys.executable, "-m", "uae_lightning", "--cfg", "job", "+experiment=pretrain"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in out.stdout and "stable-diffusion-3.5-large" in out.stdout
+
+
+def test_run_names_are_deterministic_and_bounded():
+    assert run_name("") == "default"
+    assert run_name("+experiment=toy_pretrain,seed=1") == "experiment=toy_pretrain,seed=1"
+    long = ",".join(f"stages.pretrain.module.k{i}=v{i}" for i in range(20))
+    assert run_name(long) == run_name(long) and len(run_name(long)) <= 96
+    assert run_name(long) != run_name(long + "x")

@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uae_lightning.data.datamodule import UAEDataModule, collate, read_manifest
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """One image of every kind a real crawl contains, and the manifest listing them."""
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "good.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((40, 48), 128, np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray((rng.random((40, 48)) * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(rgb[:8, :8]).save(tmp_path / "tiny.png")
+    Image.fromarray(rgb).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt.png").write_bytes(b"not an image at all")
+    Image.new("RGB", (3000, 3000)).save(tmp_path / "huge.png")
+    rows = [
+        {"path": "good.png", "caption": "a good image", "short_caption": "good"},
+        {"path": "gray.png", "caption": "a gray image"},
+        {"path": "rgba.png", "caption": "an image with alpha"},
+        {"path": "deep.png", "caption": "a 16-bit image"},
+        {"path": "tiny.png", "caption": "too small"},
+        {"path": "truncated.jpg", "caption": "cut in half"},
+        {"path": "corrupt.png", "caption": "garbage"},
+        {"path": "huge.png", "caption": "too large"},
+        {"path": "missing.png", "caption": "not there"},
+        {"path": "good.png", "caption": "   "},
+    ]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path, manifest
+
+
+def test_bad_images_are_skipped_or_converted_and_counted(messy_folder):
+    folder, manifest = messy_folder
+    dm = UAEDataModule(source="manifest", manifest=str(manifest), val_manifest=str(manifest), resolution=32,
+                       batch_size=10, min_side=16, max_pixels=2000 * 2000)
+    dm.setup()
+    batch = collate([dm.train_set[i] for i in range(len(dm.train_set))])
+    assert batch["images"].shape == (4, 3, 32, 32)
+    assert batch["images"].dtype == torch.float32 and 0 <= batch["images"].min() and batch["images"].max() <= 1
+    assert batch["caption"] == ["a good image", "a gray image", "an image with alpha", "a 16-bit image"]
+    assert batch["short_caption"][:2] == ["good", "a gray image"]  # falls back to the caption
+    assert dict(batch["skipped"]) == {
+        "converted_grayscale": 1, "converted_alpha": 1, "converted_high_bit_depth": 1,
+        "skipped_too_small": 1, "skipped_corrupt": 2, "skipped_too_large": 1, "skipped_missing": 1,
+        "skipped_empty_caption": 1,
+    }
+    gray = batch["images"][1]
+    assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])
+    # 16-bit values are rescaled into the 8-bit range, not clipped to white.
+    assert 0.2 < batch["images"][3].mean() < 0.8
+
+
+def test_all_bad_batch_has_no_images_but_keeps_its_counts():
+    batch = collate([{"skip": "corrupt"}, {"skip": "corrupt"}])
+    assert "images" not in batch and batch["skipped"]["skipped_corrupt"] == 2
+
+
+def test_manifest_errors_name_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.manifest"):
+        read_manifest(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,caption\na.png,x\n")
+    with pytest.raises(ValueError, match="'path' field"):
+        read_manifest(bad)
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"path": "a.png"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_manifest(bad_json)
+
+
+def test_csv_manifest_and_seeded_validation_split(tmp_path):
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "r.png")
+    (tmp_path / "m.csv").write_text("path,caption\n" + "".join(f"r.png,red {i}\n" for i in range(100)))
+    a = UAEDataModule(source="manifest", manifest=str(tmp_path / "m.csv"), val_fraction=0.1, seed=1)
+    b = UAEDataModule(source="manifest", manifest=str(tmp_path / "m.csv"), val_fraction=0.1, seed=1)
+    a.setup(), b.setup()
+    assert len(a.train_set) == 90 and len(a.val_set) == 10
+    assert [r["caption"] for r in a.val_set.rows] == [r["caption"] for r in b.val_set.rows]
+    assert not {r["caption"] for r in a.val_set.rows} & {r["caption"] for r in a.train_set.rows}
+
+
+def test_toy_datamodule_is_seeded_and_splits_are_disjoint():
+    dm = UAEDataModule(source="toy", train_size=32, val_size=16, batch_size=8, caption_levels={"short": 1.0})
+    dm.setup()
+    first = next(iter(dm.train_dataloader()))
+    again = next(iter(UAEDataModule(source="toy", train_size=32, val_size=16, batch_size=8)._loader(dm.train_set, 8, True)))
+    assert first["caption"] == again["caption"]
+    assert first["images"].shape == (8, 3, 32, 32)
+    assert all(len(s.split()) < len(c.split()) for s, c in zip(first["short_caption"], first["caption"]))
+    train_scenes = {dm.train_set[i]["scene"] for i in range(32)}
+    val_scenes = {dm.val_set[i]["scene"] for i in range(16)}
+    assert len(train_scenes & val_scenes) <= 2  # only by chance (a few hundred distinct small scenes)

@@ -1,0 +1,127 @@
+import copy
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from uae_lightning.models.build import (
+    QWEN25_VL_3B, SD35_LARGE_TRANSFORMER, build_connector, build_decoder, build_encoder, lora_config, plain_state_dict,
+)
+from uae_lightning.models.connector import Connector
+from conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def toy_models():
+    cfg = compose_cfg()
+    m = {k: v for k, v in dict(cfg.model).items()}
+    from omegaconf import OmegaConf
+
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.manual_seed(0)
+    enc = build_encoder(m["encoder"], 32, "mask")
+    dec = build_decoder(m["decoder"], 32, "mask")
+    return m, enc, dec, build_connector(m["connector"], enc, dec)
+
+
+def test_paper_scale_shapes_on_meta_device():
+    with torch.device("meta"):
+        enc = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B))
+        dit = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
+        conn = Connector(enc.config.text_config.hidden_size, dit.config.joint_attention_dim)
+    assert [tuple(l.weight.shape) for l in (conn[0], conn[2])] == [(8192, 2048), (4096, 8192)]
+    n_dit = sum(p.numel() for p in dit.parameters())
+    n_enc = sum(p.numel() for p in enc.parameters())
+    assert 8.0e9 < n_dit < 8.2e9  # SD3.5-large: 8.06 B
+    assert 3.6e9 < n_enc < 3.9e9  # Qwen2.5-VL-3B: 3.75 B
+    assert dit.config.pooled_projection_dim == 2048
+
+
+def test_caption_and_condition_shapes(toy_models):
+    _, enc, dec, conn = toy_models
+    images = torch.rand(3, 3, 32, 32)
+    caps = enc.caption(images, num_return_sequences=2, max_new_tokens=6)
+    assert caps.sequences.shape[0] == 6 and len(caps.texts) == 6
+    assert caps.completion_mask.shape == (6, caps.sequences.shape[1] - caps.prompt_length)
+    hidden, mask = enc.condition(["a red circle", "", "a large blue square at the top left"])
+    assert hidden.shape[:2] == mask.shape and hidden.shape[2] == enc.hidden_size
+    assert mask.sum(1).tolist()[1] < mask.sum(1).tolist()[0] < mask.sum(1).tolist()[2]
+    assert conn(hidden).shape[-1] == dec.joint_attention_dim
+
+
+def test_masked_conditioning_makes_an_image_independent_of_its_batch(toy_models):
+    """With `mask` padding a caption's velocity does not change when a longer caption joins its batch."""
+    _, enc, dec, conn = toy_models
+    z = torch.randn(1, 3, 32, 32)
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        h1, m1 = enc.condition(["a red circle"])
+        alone = dec.velocity(z, sigma, conn(h1), m1)
+        h2, m2 = enc.condition(["a red circle", "a large yellow triangle at the bottom right and a small green square"])
+        batched = dec.velocity(z.repeat(2, 1, 1, 1), sigma.repeat(2), conn(h2), m2)[:1]
+        unmasked = dec.velocity(z.repeat(2, 1, 1, 1), sigma.repeat(2), conn(h2), torch.ones_like(m2))[:1]
+    assert torch.allclose(alone, batched, atol=1e-5)
+    assert not torch.allclose(alone, unmasked, atol=1e-3)  # attending pads does change the image
+
+
+def test_ode_sampler_is_deterministic_and_follows_the_schedule(toy_models):
+    _, enc, dec, conn = toy_models
+    with torch.no_grad():
+        h, m = enc.condition(["a red circle"])
+        noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        a = dec.sample(conn(h), m, noise, 4)
+        b = dec.sample(conn(h), m, noise, 4)
+        # One step by hand: x1 = x0 + (sigma1 - sigma0) v(x0, sigma0).
+        s = dec.sigmas(1)
+        one = dec.sample(conn(h), m, noise, 1)
+        by_hand = noise + (s[1] - s[0]) * dec.velocity(noise, s[:1], conn(h), m)
+    assert torch.equal(a, b)
+    assert torch.allclose(one, by_hand, atol=1e-6)
+    assert s[0] == 1.0 and s[-1] == 0.0
+
+
+def test_lora_merge_gives_the_same_function(toy_models):
+    _, _, dec, _ = toy_models
+    transformer = copy.deepcopy(dec.transformer)
+    transformer.add_adapter(lora_config({"r": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
+    trainable = [n for n, p in transformer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # make the adapter non-trivial (lora_B starts at zero)
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    merged = copy.deepcopy(dec.transformer)
+    merged.load_state_dict(plain_state_dict(transformer))
+    args = dict(hidden_states=torch.randn(2, 3, 32, 32), encoder_hidden_states=torch.randn(2, 5, dec.joint_attention_dim),
+                pooled_projections=torch.zeros(2, 32), timestep=torch.tensor([500.0, 100.0]))
+    with torch.no_grad():
+        assert torch.allclose(transformer(**args).sample, merged(**args).sample, atol=1e-5)
+        assert not torch.allclose(dec.transformer(**args).sample, merged(**args).sample, atol=1e-4)
+    assert not any("lora_" in k or "base_layer" in k for k in plain_state_dict(transformer))
+
+
+def test_from_pretrained_loads_tiny_saved_models(toy_models, tmp_path):
+    """The Hugging Face loading path, on tiny models saved to disk (no download)."""
+    m, enc, dec, _ = toy_models
+    enc.model.save_pretrained(tmp_path / "enc")
+    enc.processor.save_pretrained(tmp_path / "enc")
+    dec.transformer.save_pretrained(tmp_path / "dec" / "transformer")
+    dec.scheduler.save_pretrained(tmp_path / "dec" / "scheduler")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=3, norm_num_groups=8)
+    vae.save_pretrained(tmp_path / "dec" / "vae")
+    enc2 = build_encoder({**m["encoder"], "pretrained": str(tmp_path / "enc")}, 32, "mask")
+    dec2 = build_decoder({**m["decoder"], "pretrained": str(tmp_path / "dec"), "vae": True}, 32, "mask")
+    for a, b in zip(enc.model.state_dict().values(), enc2.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        h, mask = enc.condition(["a red circle"])
+        h2, _ = enc2.condition(["a red circle"])
+    assert torch.allclose(h, h2)
+    assert isinstance(dec2.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert dec2.latent_size(32) == 16
+    x = torch.rand(2, 3, 32, 32)
+    z = dec2.encode(x)
+    assert z.shape == (2, 3, 16, 16) and dec2.decode(z).shape == (2, 3, 32, 32)
