@@ -13,24 +13,12 @@ import time
 import lightning as L
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from common import SameBatch, default_config
 from uae_lightning.data.datamodule import ToyShapes, collate
 from uae_lightning.models.flow import flow_matching_loss, noisy_latents, sample_t
 from uae_lightning.stages.pretrain import DecoderPretraining
-
-
-class SameBatch(Dataset):
-    """Yields one fixed batch `n` times: both loops see identical inputs."""
-
-    def __init__(self, batch: dict, n: int):
-        self.batch, self.n = batch, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.batch
 
 
 class StepTimer(L.Callback):
@@ -45,13 +33,8 @@ class StepTimer(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def model_cfg() -> dict:
-    from hydra import compose, initialize_config_module
-
-    import uae_lightning.cli  # noqa: F401  (resolver)
-
-    with initialize_config_module(config_module="uae_lightning.conf", version_base="1.3"):
-        cfg = compose(config_name="config")
+def model_cfg() -> tuple[dict, dict]:
+    cfg = default_config()
     return OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.stages.pretrain.module, resolve=True)
 
 

@@ -1,7 +1,6 @@
 """Stage 1 end to end on the toy world: it learns to use captions, resumes, and leaves what a researcher needs."""
 import json
 
-import pytest
 import torch
 
 from conftest import FAST, compose_cfg
@@ -48,13 +47,3 @@ def test_interrupted_stage_resumes_from_last_checkpoint_and_finished_stage_is_re
     mtime = (stage_dir / "weights.safetensors").stat().st_mtime_ns
     again = run_pipeline(compose_cfg([*base, "stages.pretrain.trainer.max_steps=6"]), tmp_path)
     assert again == summary and (stage_dir / "weights.safetensors").stat().st_mtime_ns == mtime
-
-
-@pytest.mark.slow
-def test_pretrained_decoder_uses_the_caption(tmp_path):
-    """The default toy stage 1 (fixed seeds) must redraw held-out images clearly closer from their complete
-    caption than from an empty one. Margin 0.15 in similarity (range [-1, 1]): a decoder ignoring captions
-    scores a difference near 0 (measured 0.00 at initialisation)."""
-    summary = run_pipeline(compose_cfg(["+experiment=toy_pretrain", "trainer.enable_progress_bar=false"]), tmp_path)
-    m = summary["stages"]["pretrain"]
-    assert m["similarity_complete_caption"] > m["similarity_empty_caption"] + 0.15

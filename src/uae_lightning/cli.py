@@ -80,10 +80,18 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     )
     trainer = build_trainer(cfg, name, stage_dir)
     last = stage_dir / "checkpoints" / "last.ckpt"
+    before_file = stage_dir / "before.json"
+    if module.report_before and not before_file.exists():
+        log.info("stage %s: measuring the starting point on held-out data", name)
+        before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        before_file.write_text(json.dumps({k: float(v) for k, v in before.items()}))
     if last.exists():
         log.info("stage %s: resuming from %s", name, last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     metrics = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()}
+    if module.report_before:
+        before = json.loads(before_file.read_text())
+        metrics = {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in metrics.items()}}
     weights = stage_dir / "weights.safetensors"
     if trainer.is_global_zero:
         module.save_weights(weights)

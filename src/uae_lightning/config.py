@@ -6,7 +6,8 @@ from omegaconf import DictConfig
 from uae_lightning.models.build import DECODER_ARCHITECTURES, DTYPES, ENCODER_ARCHITECTURES
 from uae_lightning.models.encoder import CONDITIONING_MODES, PADDING_MODES
 from uae_lightning.models.flow import WEIGHTING_SCHEMES
-from uae_lightning.rewards.backbones import BACKBONES
+from uae_lightning.rewards.backbones import BACKBONES, PAPER_BACKBONES
+from uae_lightning.rl.grpo import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
 
 class ConfigError(ValueError):
@@ -61,8 +62,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(m.connector.hidden_multiplier, "model.connector.hidden_multiplier")
     _check(len(cfg.reward.backbones) > 0, "reward.backbones", dict(cfg.reward.backbones), "at least one backbone: weight")
     for name, w in cfg.reward.backbones.items():
-        if name.startswith("toy_"):
-            _one_of(name, BACKBONES, "reward.backbones")
+        _check_backbone(name)
         _positive(w, f"reward.backbones.{name}")
     for name in cfg.run:
         mod = cfg.stages[name].module
@@ -76,3 +76,45 @@ def validate(cfg: DictConfig) -> None:
             _positive(mod.lora.r, f"{key}.lora.r")
             _positive(mod.lora.alpha, f"{key}.lora.alpha")
         _positive(cfg.stages[name].trainer.max_steps, f"stages.{name}.trainer.max_steps")
+        if "group_size" in mod:
+            _check(isinstance(mod.group_size, int) and mod.group_size >= 2, f"{key}.group_size", mod.group_size,
+                   "an integer >= 2 (advantages compare samples within a group)")
+        for k in ("clip_range_low", "clip_range_high", "clip_range", "temperature", "max_new_tokens", "num_iterations",
+                  "micro_batch_size", "decode_steps", "num_steps"):
+            if k in mod:
+                _positive(mod[k], f"{key}.{k}")
+        if "kl_beta" in mod:
+            _check(mod.kl_beta >= 0, f"{key}.kl_beta", mod.kl_beta, "a number >= 0")
+        if "loss_aggregation" in mod:
+            _one_of(mod.loss_aggregation, LOSS_AGGREGATIONS, f"{key}.loss_aggregation")
+        if "advantage_scale" in mod:
+            _one_of(mod.advantage_scale, ADVANTAGE_SCALES, f"{key}.advantage_scale")
+        if "noise_level" in mod:
+            _check(mod.noise_level >= 0, f"{key}.noise_level", mod.noise_level, "a number >= 0")
+        if "sde_type" in mod:
+            _one_of(mod.sde_type, ("sde", "cps"), f"{key}.sde_type")
+        if "train_fraction" in mod:
+            _check(0 < mod.train_fraction <= 1, f"{key}.train_fraction", mod.train_fraction, "a fraction in (0, 1]")
+        if mod.get("train_window") is not None:
+            w = list(mod.train_window)
+            _check(len(w) == 2 and 0 <= w[0] < w[1] <= mod.num_steps, f"{key}.train_window", w,
+                   f"[start, stop) with 0 <= start < stop <= num_steps={mod.num_steps}")
+        if "adv_clip" in mod:
+            _positive(mod.adv_clip, f"{key}.adv_clip")
+        if "grad_last_steps" in mod:
+            _check(1 <= mod.grad_last_steps <= mod.num_steps, f"{key}.grad_last_steps", mod.grad_last_steps,
+                   f"1..num_steps={mod.num_steps}")
+
+
+def _check_backbone(name: str) -> None:
+    """Toy names must exist; other names must be a paper short name, a local folder or look like a hub id."""
+    import os
+    import re
+
+    if name.startswith("toy_"):
+        _one_of(name, BACKBONES, "reward.backbones")
+    elif name not in PAPER_BACKBONES and not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ConfigError(
+            f"reward.backbones: {name!r} is not a toy backbone {sorted(BACKBONES)}, a paper backbone "
+            f"{sorted(PAPER_BACKBONES)}, an existing folder or a Hugging Face id (org/name)"
+        )

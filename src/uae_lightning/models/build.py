@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -65,15 +65,18 @@ def toy_encoder_config(tiny: dict[str, Any], tokenizer) -> Qwen2_5_VLConfig:
                          num_key_value_heads=tiny["num_kv_heads"], max_position_embeddings=1024,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.pad_token_id),
+                         bos_token_id=tokenizer.pad_token_id, initializer_range=tiny["init_std"]),
         vision_config=dict(depth=tiny["vision_depth"], hidden_size=tiny["vision_hidden_size"],
                            intermediate_size=2 * tiny["vision_hidden_size"], num_heads=tiny["vision_num_heads"],
                            patch_size=tiny["patch_size"], spatial_merge_size=tiny["merge_size"], temporal_patch_size=2,
                            out_hidden_size=h, window_size=tiny["patch_size"] * tiny["merge_size"] * 4,
-                           fullatt_block_indexes=list(range(tiny["vision_depth"]))),
+                           fullatt_block_indexes=list(range(tiny["vision_depth"])), initializer_range=tiny["init_std"]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
+        # Untied: the output head is not on the text path that conditions the decoder, so the toy captioner can
+        # train it (a frozen random head caps the logits near +-1 and the captioner could never be confident).
+        tie_word_embeddings=False,
+        initializer_range=tiny["init_std"],
     )
 
 
@@ -161,6 +164,33 @@ def build_connector(cfg: dict, encoder: Encoder, decoder: Decoder) -> Connector:
 def lora_config(cfg: dict) -> LoraConfig:
     return LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=cfg.get("dropout", 0.0),
                       target_modules=cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"]))
+
+
+def add_lora(module: nn.Module, cfg: dict) -> None:
+    """Inject LoRA layers into `module` in place; only they are new trainable parameters. peft's public injection
+    API works the same for the transformers encoder and the diffusers DiT (transformers 5.24's `add_adapter` asks
+    for a peft release that is not published yet)."""
+    inject_adapter_in_model(lora_config(cfg), module)
+
+
+def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
+
+
+def has_adapter(module: nn.Module) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA weights (keys as in `module.state_dict()`)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
+
+
+def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under the adapters, unmerged, keyed as in the plain model."""
+    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}
 
 
 def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

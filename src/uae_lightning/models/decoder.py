@@ -8,6 +8,7 @@ random VAE cannot reconstruct anything.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
@@ -100,11 +101,13 @@ class Decoder(nn.Module):
         guidance_scale: float = 1.0,
         negative: tuple[torch.Tensor, torch.Tensor] | None = None,
         grad_last_steps: int = 0,
+        checkpoint_steps: bool = False,
         progress: bool = False,
     ) -> torch.Tensor:
         """Deterministic Euler ODE sampler from noise (sigma=1) to z0; returns latents.
 
-        Gradients flow through only the last `grad_last_steps` steps (0 = none), as in DRaFT-K.
+        Gradients flow through only the last `grad_last_steps` steps (0 = none), as in DRaFT-K; with
+        `checkpoint_steps` each of those steps recomputes its activations in backward instead of storing them.
         """
         sigmas = self.sigmas(num_steps, noise.device)
         z = noise.float()
@@ -116,7 +119,11 @@ class Decoder(nn.Module):
         for i in steps:
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= num_steps - grad_last_steps):
                 s = sigmas[i].expand(z.shape[0])
-                v = self.guided_velocity(z, s, cond, mask, guidance_scale, negative)
+                if checkpoint_steps and torch.is_grad_enabled():
+                    v = torch.utils.checkpoint.checkpoint(
+                        self.guided_velocity, z, s, cond, mask, guidance_scale, negative, use_reentrant=False)
+                else:
+                    v = self.guided_velocity(z, s, cond, mask, guidance_scale, negative)
                 z = z + (sigmas[i + 1] - sigmas[i]) * v
         return z
 

@@ -5,6 +5,7 @@ a text-only chat message with the role "generate". The caption *text* is the bot
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ class Encoder(nn.Module):
         self.conditioning = conditioning
         self.condition_padding = condition_padding
         self.max_condition_tokens = max_condition_tokens
+        # Vision placeholders are never part of a caption: the policy cannot sample them (and its log-probs, below,
+        # are those of the same restricted distribution).
+        cfg = model.config
+        self.suppressed_ids = [i for i in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                                           cfg.vision_end_token_id) if i is not None]
 
     @property
     def hidden_size(self) -> int:
@@ -92,6 +98,7 @@ class Encoder(nn.Module):
             top_p=1.0 if do_sample else None,
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_return_sequences,
+            suppress_tokens=self.suppressed_ids,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             use_cache=True,
@@ -104,6 +111,33 @@ class Encoder(nn.Module):
         mask = ~after_eos
         texts = [" ".join(t.split()) for t in tok.batch_decode(completion.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)]
         return Captions(texts, out, prompt_len, mask, inputs)
+
+    def completion_logprobs(self, captions: Captions, temperature: float) -> torch.Tensor:
+        """log pi(token | image, prompt, previous tokens) of every completion token ([N, T]; masked by
+        `captions.completion_mask`), from one teacher-forced forward pass with gradients."""
+        from uae_lightning.rl.grpo import token_logprobs
+
+        p = captions.prompt_length
+        completion = captions.sequences[:, p:]
+        inputs = dict(captions.prompt_inputs)
+        attention = torch.cat([inputs.pop("attention_mask"), captions.completion_mask.long()], 1)
+        inputs.pop("input_ids")
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], 1)
+        logits = self.model(input_ids=captions.sequences, attention_mask=attention, **inputs).logits[:, p - 1 : -1]
+        logits = logits.index_fill(-1, torch.tensor(self.suppressed_ids, device=logits.device), float("-inf"))
+        return token_logprobs(logits, completion, temperature)
+
+    @contextmanager
+    def adapter_disabled(self):
+        """The encoder without its LoRA adapter (the GRPO reference model), if it has one."""
+        from uae_lightning.models.build import set_adapters_enabled
+
+        set_adapters_enabled(self.model, False)
+        try:
+            yield
+        finally:
+            set_adapters_enabled(self.model, True)
 
     # ---- conditioning: text -> decoder input ---------------------------------------------------------------------
     def generate_message(self, text: str) -> str:

@@ -5,6 +5,7 @@ Each stage file (pretrain.py, ...) holds its own algorithm top to bottom; this f
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,8 +14,16 @@ import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
-from uae_lightning.models.build import build_connector, build_decoder, build_encoder, lora_config, plain_state_dict
+from uae_lightning.data import toy
+from uae_lightning.models.build import (
+    adapter_state_dict, add_lora, base_state_dict, build_connector, build_decoder, build_encoder, has_adapter,
+    plain_state_dict,
+)
 from uae_lightning.rewards.callback import RewardCallback
+
+
+class NonFiniteError(RuntimeError):
+    pass
 
 
 class UAEStage(L.LightningModule):
@@ -26,6 +35,10 @@ class UAEStage(L.LightningModule):
         self.encoder = self.connector = self.decoder = None
         self.data_counts: Counter = Counter()
         self._t0: float | None = None
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.encoder_lora: dict | None = None  # config of the captioner's LoRA adapter, when the encoder has one
+        self.report_before = False  # stages that improve an existing auto-encoder report metrics before and after
 
     # ---- models --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -49,35 +62,67 @@ class UAEStage(L.LightningModule):
         """Unfreeze what this stage trains (everything starts frozen)."""
         raise NotImplementedError
 
+    def add_encoder_lora(self, lora: dict) -> None:
+        """LoRA on the encoder's language model (the captioner), unless one came with init_from: then that adapter
+        keeps training, and "adapter disabled" still means the model before any captioner RL."""
+        if self.encoder_lora is None:
+            add_lora(self.encoder.model, lora)
+            self.encoder_lora = dict(lora)
+        for n, p in self.encoder.model.named_parameters():
+            p.requires_grad_("lora_" in n)
+
     def train_decoder(self, lora: dict | None, gradient_checkpointing: bool) -> None:
         """Connector + DiT train: the whole DiT, or LoRA adapters on it when `lora` is set."""
         self.connector.requires_grad_(True)
         transformer = self.decoder.transformer
         if lora:
-            transformer.add_adapter(lora_config(lora))  # only the adapter weights require grad
+            add_lora(transformer, lora)  # the base weights stay frozen
         else:
             transformer.requires_grad_(True)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
 
     def save_weights(self, path: str | Path) -> None:
-        """The stage's result with adapters merged: what the next stage (or an export) starts from."""
-        sd = {}
-        for name in ("encoder", "connector", "decoder"):
-            for k, v in plain_state_dict(getattr(self, name)).items():
-                sd[f"{name}.{k}"] = v.contiguous()
+        """The stage's result: what the next stage (or an export) starts from. Decoder and connector adapters are
+        merged. The captioner's LoRA (`encoder_lora`) is kept apart (`encoder_adapter.*` + its config in the
+        metadata), so later stages can still caption with it and condition the decoder without it."""
+        sd, meta = {}, {}
+        keep = self.encoder_lora is not None and has_adapter(self.encoder.model)
+        parts = {
+            "encoder": base_state_dict(self.encoder) if keep else plain_state_dict(self.encoder),
+            "connector": plain_state_dict(self.connector),
+            "decoder": plain_state_dict(self.decoder),
+        }
+        if keep:
+            parts["encoder_adapter"] = adapter_state_dict(self.encoder)
+            meta["encoder_lora"] = json.dumps(self.encoder_lora)
+        for name, part in parts.items():
+            sd.update({f"{name}.{k}": v.contiguous() for k, v in part.items()})
         tmp = Path(str(path) + ".tmp")
-        save_file(sd, str(tmp))
+        save_file(sd, str(tmp), metadata=meta)
         tmp.replace(path)  # atomic: a preempted job never leaves half a file behind
 
     def load_weights(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
         sd = load_file(str(path))
+
+        def part(prefix: str) -> dict:
+            return {k[len(prefix) + 1 :]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+
         for name in ("encoder", "connector", "decoder"):
-            part = {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
-            missing, unexpected = getattr(self, name).load_state_dict(part, strict=False)
-            missing = [k for k in missing if "lora_" not in k]
+            missing, unexpected = getattr(self, name).load_state_dict(part(name), strict=False)
             if missing or unexpected:
                 raise RuntimeError(f"init_from={path}: {name} does not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        if "encoder_lora" in meta:
+            self.encoder_lora = json.loads(meta["encoder_lora"])
+            add_lora(self.encoder.model, self.encoder_lora)
+            missing, unexpected = self.encoder.load_state_dict(part("encoder_adapter"), strict=False)
+            missing = [k for k in missing if "lora_" in k]
+            if missing or unexpected:
+                raise RuntimeError(f"init_from={path}: encoder adapter does not match (missing {missing[:5]})")
 
     def configure_optimizers(self):
         """AdamW on whatever `configure_trainable` unfroze, linear warm-up then constant (hparams lr, weight_decay,
@@ -111,6 +156,25 @@ class UAEStage(L.LightningModule):
             dt = time.perf_counter() - self._t0
             self.log("throughput/images_per_s", len(batch["images"]) / dt)
 
+    def finite_or_skip(self, value: torch.Tensor, what: str, max_in_a_row: int) -> bool:
+        """False (and counted) if `value` has a NaN/inf: the caller skips the update. `max_in_a_row` skipped steps
+        in a row save a checkpoint and stop the run with NonFiniteError."""
+        if torch.isfinite(value).all():
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        self.log("nonfinite/skipped_steps", float(self.nonfinite_total))
+        if self.nonfinite_in_a_row >= max_in_a_row:
+            ckpt = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite.ckpt"
+            self.trainer.save_checkpoint(ckpt)
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite {what} (step {self.global_step}); "
+                f"stopped after saving {ckpt}. Lower the learning rate or inspect the data; the limit is "
+                f"max_nonfinite_in_a_row={max_in_a_row}."
+            )
+        return False
+
     def sample_noise(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(seed)
         size = self.decoder.latent_size(self.resolution)
@@ -128,3 +192,34 @@ class UAEStage(L.LightningModule):
             negative = (self.connector(nh), nm)
         z = self.decoder.sample(cond, mask, self.sample_noise(len(texts), noise_seed), num_steps, guidance_scale, negative)
         return self.decoder.decode(z)
+
+    @torch.no_grad()
+    def redraw(self, texts: list[str], noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """Caption text -> image with given initial noise; the decoder is conditioned by the encoder without its
+        captioner adapter, so captioner training never moves the frozen decoder's input distribution."""
+        with self.encoder.adapter_disabled():
+            hidden, mask = self.encoder.condition(texts)
+        return self.decoder.decode(self.decoder.sample(self.connector(hidden), mask, noise, num_steps))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out metrics of the whole auto-encoder (stages with other metrics override this)."""
+        if not self.count_data(batch):
+            return
+        h = self.hparams
+        for k, v in self.captioning_metrics(batch, h.eval_steps, h.eval_seed + batch_idx, h.max_new_tokens).items():
+            self.log(k, v.mean(), batch_size=len(v))
+
+    @torch.no_grad()
+    def captioning_metrics(self, batch: dict, num_steps: int, seed: int, max_new_tokens: int) -> dict[str, torch.Tensor]:
+        """The auto-encoder on held-out images: greedy caption -> redraw (fixed noise) -> reward; plus caption
+        length and, for toy images, informativeness against the scene's ground truth."""
+        images = batch["images"]
+        caps = self.encoder.caption(images, do_sample=False, max_new_tokens=max_new_tokens)
+        recon = self.redraw(caps.texts, self.sample_noise(len(images), seed), num_steps)
+        out = {"reward": self.reward.score(recon, images),
+               "caption_length": caps.completion_mask.sum(1).float()}
+        if batch["scene"][0]:
+            out["informativeness"] = torch.tensor(
+                [toy.informativeness(t, toy.Scene.from_dict(json.loads(s))) for t, s in zip(caps.texts, batch["scene"])],
+                device=images.device)
+        return out

@@ -1,0 +1,194 @@
+"""Stage 2c — Understanding for Generation (U4G): the decoder is the policy, trained with Flow-GRPO
+(PAPER.md "Stage 2c").
+
+Per rollout batch: the frozen encoder captions each image -> G SDE trajectories of T steps per caption (each step a
+Gaussian policy; every latent and log-prob stored) -> rewards against the source image -> group advantages clipped to
++-adv_clip -> for each trained step: the clipped ratio objective + beta * KL to the reference (the DiT with its LoRA
+disabled), backward per step (never one graph over all steps), gradients accumulated over steps x samples, then one
+optimizer update per inner iteration.
+"""
+from __future__ import annotations
+
+import torch
+
+from uae_lightning.models.build import set_adapters_enabled
+from uae_lightning.rl.flow_grpo import cps_step, sde_step, step_kl
+from uae_lightning.rl.grpo import clipped_surrogate, group_advantages
+from uae_lightning.stages.base import UAEStage
+
+SDE_TYPES = ("sde", "cps")
+
+
+class U4G(UAEStage):
+    def __init__(
+        self,
+        model: dict,
+        resolution: int,
+        init_from: str | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        group_size: int = 24,
+        num_steps: int = 10,
+        noise_level: float = 0.7,
+        sde_type: str = "sde",
+        shared_initial_noise: bool = False,
+        clip_range: float = 1e-4,
+        adv_clip: float = 5.0,
+        kl_beta: float = 0.04,
+        train_fraction: float = 0.99,
+        train_window: tuple[int, int] | None = None,
+        num_iterations: int = 1,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
+        caption_do_sample: bool = False,
+        caption_temperature: float = 0.7,
+        max_new_tokens: int = 512,
+        micro_batch_size: int = 16,
+        max_grad_norm: float = 1.0,
+        lora: dict | None = None,
+        max_nonfinite_in_a_row: int = 5,
+        eval_steps: int = 10,
+        eval_seed: int = 1234,
+    ):
+        super().__init__(model, resolution, init_from)
+        if sde_type not in SDE_TYPES:
+            raise ValueError(f"stages.u4g.module.sde_type={sde_type!r}; expected one of {SDE_TYPES}")
+        self.save_hyperparameters(ignore=["init_from"])
+        self.automatic_optimization = False
+        self.report_before = True
+        self.first_update_ratio: torch.Tensor | None = None  # max |ratio - 1| at the first inner update (a check)
+
+    def configure_trainable(self) -> None:
+        if not self.hparams.lora:
+            raise ValueError("stages.u4g.module.lora is required: the reference policy is the DiT with its LoRA disabled")
+        self.train_decoder(self.hparams.lora, gradient_checkpointing=False)
+        self.connector.requires_grad_(False)  # only the DiT's adapter is the policy
+
+    def trained_steps(self) -> list[int]:
+        """Which denoising steps are trained: a window [start, stop) or the first `train_fraction` of them."""
+        h = self.hparams
+        if h.train_window:
+            start, stop = h.train_window
+            return list(range(max(0, start), min(h.num_steps, stop)))
+        return list(range(max(1, int(h.num_steps * h.train_fraction))))
+
+    def step(self, x, v, sigma, sigma_next, prev_sample=None):
+        fn = sde_step if self.hparams.sde_type == "sde" else cps_step
+        return fn(x, v, sigma, sigma_next, self.hparams.noise_level, prev_sample=prev_sample)
+
+    def velocity(self, x, sigma, cond, mask, negative):
+        return self.decoder.guided_velocity(x, sigma, cond, mask, self.hparams.guidance_scale, negative)
+
+    # ---- rollout ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> dict:
+        h, G = self.hparams, self.hparams.group_size
+        images = batch["images"]
+        caps = self.encoder.caption(images, do_sample=h.caption_do_sample, temperature=h.caption_temperature,
+                                    max_new_tokens=h.max_new_tokens)
+        texts = [t for t in caps.texts for _ in range(G)]
+        with self.encoder.adapter_disabled():
+            hidden, mask = self.encoder.condition(texts)
+            negative = None
+            if h.guidance_scale != 1.0:
+                nh, nm = self.encoder.condition([h.negative_prompt] * len(texts))
+                negative = (self.connector(nh), nm)
+        cond = self.connector(hidden)
+        size = self.decoder.latent_size(self.resolution)
+        n = len(texts)
+        if h.shared_initial_noise:
+            x = torch.randn(len(images), self.decoder.latent_channels, size, size, device=self.device).repeat_interleave(G, 0)
+        else:
+            x = torch.randn(n, self.decoder.latent_channels, size, size, device=self.device)
+        sigmas = self.decoder.sigmas(h.num_steps, self.device)
+        latents, logps = [x], []
+        for i in range(h.num_steps):
+            s = sigmas[i].expand(n)
+            x, logp, _, _ = self.step(x, self.velocity(x, s, cond, mask, negative), s, sigmas[i + 1].expand(n))
+            latents.append(x)
+            logps.append(logp)
+        recon = self.decoder.decode(x)
+        rewards = self.reward.score(recon, images.repeat_interleave(G, 0))
+        return {"texts": texts, "cond": cond, "mask": mask, "negative": negative, "sigmas": sigmas,
+                "latents": torch.stack(latents, 1), "logps": torch.stack(logps, 1), "rewards": rewards, "recon": recon,
+                "captions": caps.texts}
+
+    # ---- update ----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        if not self.count_data(batch):
+            return
+        h = self.hparams
+        ro = self.rollout(batch)
+        if not self.finite_or_skip(ro["rewards"], "reward", h.max_nonfinite_in_a_row):
+            return
+        adv = group_advantages(ro["rewards"], h.group_size).clamp(-h.adv_clip, h.adv_clip)
+        steps = self.trained_steps()
+        n = len(adv)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        transformer = self.decoder.transformer
+        per_step = {j: {"logp": [], "ratio": [], "clip": [], "kl": []} for j in steps}
+        for it in range(h.num_iterations):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for j in steps:
+                sig, sig_next = ro["sigmas"][j], ro["sigmas"][j + 1]
+                for lo in range(0, n, h.micro_batch_size):
+                    sl = slice(lo, min(lo + h.micro_batch_size, n))
+                    x, x_next = ro["latents"][sl, j], ro["latents"][sl, j + 1]
+                    neg = None if ro["negative"] is None else (ro["negative"][0][sl], ro["negative"][1][sl])
+                    s = sig.expand(len(x))
+                    v = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg)
+                    _, logp, mu, std = self.step(x, v, s, sig_next.expand(len(x)), prev_sample=x_next)
+                    loss_s, ratio, clipped = clipped_surrogate(logp, ro["logps"][sl, j], adv[sl], h.clip_range, h.clip_range)
+                    loss = loss_s
+                    if h.kl_beta > 0:
+                        with torch.no_grad():
+                            set_adapters_enabled(transformer, False)
+                            v_ref = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg)
+                            set_adapters_enabled(transformer, True)
+                            _, _, mu_ref, _ = self.step(x, v_ref, s, sig_next.expand(len(x)), prev_sample=x_next)
+                        kl = step_kl(mu, mu_ref, std)
+                        loss = loss + h.kl_beta * kl
+                        per_step[j]["kl"].append(kl.mean().item())
+                    loss = loss.sum() / (n * len(steps))  # mean over samples and trained steps
+                    if not self.finite_or_skip(loss.detach(), "loss", h.max_nonfinite_in_a_row):
+                        opt.zero_grad(set_to_none=True)
+                        return
+                    self.manual_backward(loss)  # per step and micro-batch: the graph never spans several steps
+                    total += loss.item()
+                    per_step[j]["logp"].append(logp.mean().item())
+                    per_step[j]["ratio"].append(ratio.mean().item())
+                    per_step[j]["clip"].append(clipped.float().mean().item())
+                    if it == 0:
+                        dev = (ratio - 1).abs().max().detach()
+                        self.first_update_ratio = dev if self.first_update_ratio is None else torch.maximum(self.first_update_ratio, dev)
+            self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            self.log("train/loss", total)
+        sched.step()
+        self.reward.log_stats(self, ro["rewards"], "reward")
+        logs = {"advantage/abs_mean": adv.abs().mean()}
+        for j, d in per_step.items():
+            for k, vals in d.items():
+                if vals:
+                    logs[f"timestep_{j:02d}/{k}"] = sum(vals) / len(vals)
+        self.log_dict(logs)
+        self.log("reward", ro["rewards"].mean(), prog_bar=True, logger=False)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out: the frozen encoder's greedy captions redrawn by the deterministic ODE sampler, fixed noise."""
+        if not self.count_data(batch):
+            return
+        images = batch["images"]
+        caps = self.encoder.caption(images, do_sample=False, max_new_tokens=self.hparams.max_new_tokens)
+        recon = self.redraw(caps.texts, self.sample_noise(len(images), self.hparams.eval_seed + batch_idx), self.hparams.eval_steps)
+        self.log("reward", self.reward.score(recon, images).mean(), batch_size=len(images))
+
+    def preview(self, batch: dict) -> dict:
+        """Original | the G SDE reconstructions of its caption (one group per row)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.hparams.eval_seed)
+            ro = self.rollout(batch)
+        G = self.hparams.group_size
+        return {"captions": ro["captions"], "reconstructions": ro["recon"].view(len(batch["images"]), G, *ro["recon"].shape[1:])}

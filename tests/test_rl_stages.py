@@ -1,0 +1,148 @@
+"""Cold start and G4U mechanics on tiny runs from random initialisation (seconds each)."""
+import pytest
+import torch
+
+from conftest import FAST, compose_cfg
+from uae_lightning.cli import run_pipeline
+from uae_lightning.rewards.callback import RewardCallback
+from uae_lightning.stages.base import NonFiniteError
+from uae_lightning.stages.g4u import G4U
+
+G4U_FAST = [*FAST, "run=[g4u]", "stages.g4u.data.batch_size=3", "stages.g4u.module.group_size=2",
+            "stages.g4u.module.micro_batch_size=4", "stages.g4u.module.max_new_tokens=8", "stages.g4u.module.decode_steps=2",
+            "stages.g4u.module.eval_steps=2"]
+
+
+def test_g4u_first_inner_update_is_on_policy_and_summary_reports_before_and_after(tmp_path, monkeypatch):
+    seen = []
+    original = G4U.training_step
+
+    def spy(self, batch, batch_idx):
+        self.first_update_ratio = None
+        original(self, batch, batch_idx)
+        seen.append(float(self.first_update_ratio))
+
+    monkeypatch.setattr(G4U, "training_step", spy)
+    # max_steps counts optimizer updates: 2 rollout batches x 2 inner iterations.
+    cfg = compose_cfg([*G4U_FAST, "stages.g4u.trainer.max_steps=4", "stages.g4u.module.num_iterations=2",
+                       "stages.g4u.module.kl_beta=0.04"])
+    summary = run_pipeline(cfg, tmp_path)["stages"]["g4u"]
+    assert len(seen) == 2 and max(seen) < 1e-5  # every token of every rollout batch, micro-batched (2 slices of <= 4)
+    assert {"reward_before", "reward_after", "informativeness_before", "informativeness_after",
+            "caption_length_before", "caption_length_after"} == set(summary)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "g4u" / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"reward/mean", "reward/std", "reward/min", "reward/max", "advantage/mean", "advantage/std", "train/kl",
+            "train/clip_fraction", "train/ratio_mean", "caption/length_mean", "caption/informativeness"} <= tags
+    assert ea.Scalars("train/kl")[-1].value >= 0
+    assert "preview/original|reconstructions" in ea.Tags()["images"]
+
+
+def test_g4u_keeps_its_adapter_apart_so_the_decoder_input_is_unchanged(tmp_path):
+    """After G4U the weights carry the captioner adapter separately; conditioning (adapter disabled) is the same
+    function as before G4U, captioning (adapter enabled) is not."""
+    run_pipeline(compose_cfg([*G4U_FAST, "stages.g4u.trainer.max_steps=2", "stages.g4u.module.lr=0.05"]), tmp_path)
+    from uae_lightning.stages.g4u import G4U as Stage
+
+    cfg = compose_cfg(G4U_FAST)
+    from omegaconf import OmegaConf
+
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.g4u.module).items() if k != "_target_"}
+    trained = Stage(model=OmegaConf.to_container(cfg.model), resolution=32, init_from=str(tmp_path / "g4u" / "weights.safetensors"), **kw)
+    trained.configure_model()
+    fresh = Stage(model=OmegaConf.to_container(cfg.model), resolution=32, **kw)
+    fresh.configure_model()
+    assert trained.encoder_lora is not None
+    texts = ["a red circle at the top-left", "a square"]
+    with torch.no_grad(), trained.encoder.adapter_disabled(), fresh.encoder.adapter_disabled():
+        assert torch.allclose(trained.encoder.condition(texts)[0], fresh.encoder.condition(texts)[0], atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(trained.encoder.condition(texts)[0], fresh.encoder.condition(texts)[0], atol=1e-4)
+
+
+def test_non_finite_rewards_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = RewardCallback.score
+
+    def nan_after_first(self, images, references):
+        calls["n"] += 1
+        r = original(self, images, references)
+        return r if calls["n"] <= 1 else torch.full_like(r, float("nan"))
+
+    monkeypatch.setattr(RewardCallback, "score", nan_after_first)
+    cfg = compose_cfg([*G4U_FAST, "stages.g4u.trainer.max_steps=10", "stages.g4u.module.max_nonfinite_in_a_row=3"])
+    with pytest.raises(NonFiniteError, match="3 steps in a row had a non-finite reward"):
+        run_pipeline(cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "g4u" / "checkpoints" / "nonfinite.ckpt", map_location="cpu", weights_only=False)
+    # The held-out "before" measurement used the one finite score(); the next 3 rollouts were all NaN.
+    assert ckpt["global_step"] == 0  # no update was applied from a NaN reward
+    assert not (tmp_path / "g4u" / "done.json").exists()
+
+
+def test_cold_start_trains_through_the_last_sampler_steps_only(tmp_path):
+    cfg = compose_cfg([*FAST, "run=[cold_start]", "stages.cold_start.trainer.max_steps=2", "stages.cold_start.module.num_steps=4",
+                       "stages.cold_start.module.grad_last_steps=1", "stages.cold_start.module.checkpoint_steps=true",
+                       "stages.cold_start.module.eval_steps=2", "stages.cold_start.module.max_new_tokens=8",
+                       "stages.cold_start.module.lr=1e-2"])
+    summary = run_pipeline(cfg, tmp_path)["stages"]["cold_start"]
+    assert summary["reward_before"] != summary["reward_after"]  # the decoder moved
+    assert summary["caption_length_before"] == summary["caption_length_after"]  # the captioner did not
+
+
+def test_g4u_config_mistakes_fail_naming_the_key():
+    from uae_lightning.config import ConfigError, validate
+
+    for override, key in [("stages.g4u.module.group_size=1", "group_size"), ("stages.g4u.module.clip_range_low=0", "clip_range_low"),
+                          ("stages.g4u.module.loss_aggregation=mean", "loss_aggregation"),
+                          ("stages.g4u.module.kl_beta=-1", "kl_beta"),
+                          ("stages.cold_start.module.grad_last_steps=20", "grad_last_steps"),
+                          ("+reward.backbones.not-a-model=1", "reward.backbones")]:
+        with pytest.raises(ConfigError, match=key):
+            validate(compose_cfg([override]))
+
+
+U4G_FAST = [*FAST, "run=[u4g]", "stages.u4g.data.batch_size=2", "stages.u4g.module.group_size=3",
+            "stages.u4g.module.micro_batch_size=4", "stages.u4g.module.max_new_tokens=8", "stages.u4g.module.num_steps=4",
+            "stages.u4g.module.eval_steps=2"]
+
+
+def test_u4g_first_inner_update_is_on_policy_at_every_trained_step(tmp_path, monkeypatch):
+    from uae_lightning.stages.u4g import U4G
+
+    seen = []
+    original = U4G.training_step
+
+    def spy(self, batch, batch_idx):
+        self.first_update_ratio = None
+        original(self, batch, batch_idx)
+        seen.append(float(self.first_update_ratio))
+
+    monkeypatch.setattr(U4G, "training_step", spy)
+    cfg = compose_cfg([*U4G_FAST, "stages.u4g.trainer.max_steps=2", "stages.u4g.module.kl_beta=0.04"])
+    summary = run_pipeline(cfg, tmp_path)["stages"]["u4g"]
+    assert len(seen) == 2 and max(seen) < 1e-5
+    assert set(summary) == {"reward_before", "reward_after"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "u4g" / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    # int(4 * 0.99) = 3 trained steps, each with its own log-prob, ratio, clip fraction and KL.
+    assert {f"timestep_{j:02d}/{k}" for j in range(3) for k in ("logp", "ratio", "clip", "kl")} <= tags
+    assert "timestep_03/ratio" not in tags
+
+
+def test_u4g_trained_steps_fraction_and_window():
+    from uae_lightning.stages.u4g import U4G
+
+    cfg = compose_cfg()
+    from omegaconf import OmegaConf
+
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module).items() if k != "_target_"}
+    make = lambda **o: U4G(model=OmegaConf.to_container(cfg.model), resolution=32, **{**kw, **o})  # noqa: E731
+    assert make(num_steps=10, train_fraction=0.99).trained_steps() == list(range(9))
+    assert make(num_steps=10, train_fraction=0.5).trained_steps() == list(range(5))
+    assert make(num_steps=10, train_window=(2, 5)).trained_steps() == [2, 3, 4]
