@@ -102,7 +102,6 @@ class Decoder(nn.Module):
         negative: tuple[torch.Tensor, torch.Tensor] | None = None,
         grad_last_steps: int = 0,
         checkpoint_steps: bool = False,
-        progress: bool = False,
     ) -> torch.Tensor:
         """Deterministic Euler ODE sampler from noise (sigma=1) to z0; returns latents.
 
@@ -111,12 +110,7 @@ class Decoder(nn.Module):
         """
         sigmas = self.sigmas(num_steps, noise.device)
         z = noise.float()
-        steps = range(num_steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="sampling", leave=False)
-        for i in steps:
+        for i in range(num_steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= num_steps - grad_last_steps):
                 s = sigmas[i].expand(z.shape[0])
                 if checkpoint_steps and torch.is_grad_enabled():
