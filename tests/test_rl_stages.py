@@ -13,16 +13,22 @@ G4U_FAST = [*FAST, "run=[g4u]", "stages.g4u.data.batch_size=3", "stages.g4u.modu
             "stages.g4u.module.eval_steps=2"]
 
 
-def test_g4u_first_inner_update_is_on_policy_and_summary_reports_before_and_after(tmp_path, monkeypatch):
+def record_first_update_ratio(monkeypatch, stage_cls) -> list[float]:
+    """Max |ratio - 1| over the first inner update of every rollout batch of `stage_cls`, as training runs."""
     seen = []
-    original = G4U.training_step
+    original = stage_cls.training_step
 
     def spy(self, batch, batch_idx):
         self.first_update_ratio = None
         original(self, batch, batch_idx)
         seen.append(float(self.first_update_ratio))
 
-    monkeypatch.setattr(G4U, "training_step", spy)
+    monkeypatch.setattr(stage_cls, "training_step", spy)
+    return seen
+
+
+def test_g4u_first_inner_update_is_on_policy_and_summary_reports_before_and_after(tmp_path, monkeypatch):
+    seen = record_first_update_ratio(monkeypatch, G4U)
     # max_steps counts optimizer updates: 2 rollout batches x 2 inner iterations.
     cfg = compose_cfg([*G4U_FAST, "stages.g4u.trainer.max_steps=4", "stages.g4u.module.num_iterations=2",
                        "stages.g4u.module.kl_beta=0.04"])
@@ -112,15 +118,7 @@ U4G_FAST = [*FAST, "run=[u4g]", "stages.u4g.data.batch_size=2", "stages.u4g.modu
 def test_u4g_first_inner_update_is_on_policy_at_every_trained_step(tmp_path, monkeypatch):
     from uae_lightning.stages.u4g import U4G
 
-    seen = []
-    original = U4G.training_step
-
-    def spy(self, batch, batch_idx):
-        self.first_update_ratio = None
-        original(self, batch, batch_idx)
-        seen.append(float(self.first_update_ratio))
-
-    monkeypatch.setattr(U4G, "training_step", spy)
+    seen = record_first_update_ratio(monkeypatch, U4G)
     cfg = compose_cfg([*U4G_FAST, "stages.u4g.trainer.max_steps=2", "stages.u4g.module.kl_beta=0.04"])
     summary = run_pipeline(cfg, tmp_path)["stages"]["u4g"]
     assert len(seen) == 2 and max(seen) < 1e-5
