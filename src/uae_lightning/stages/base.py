@@ -181,19 +181,6 @@ class UAEStage(L.LightningModule):
         return torch.randn(n, self.decoder.latent_channels, size, size, generator=g).to(self.device)
 
     @torch.no_grad()
-    def reconstruct_from_text(self, texts: list[str], noise_seed: int, num_steps: int, guidance_scale: float = 1.0,
-                              negative_prompt: str = "") -> torch.Tensor:
-        """Text -> image through the text bottleneck (encoder "generate" message -> connector -> decoder)."""
-        hidden, mask = self.encoder.condition(texts)
-        cond = self.connector(hidden)
-        negative = None
-        if guidance_scale != 1.0:
-            nh, nm = self.encoder.condition([negative_prompt] * len(texts))
-            negative = (self.connector(nh), nm)
-        z = self.decoder.sample(cond, mask, self.sample_noise(len(texts), noise_seed), num_steps, guidance_scale, negative)
-        return self.decoder.decode(z)
-
-    @torch.no_grad()
     def redraw(self, texts: list[str], noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         """Caption text -> image with given initial noise; the decoder is conditioned by the encoder without its
         captioner adapter, so captioner training never moves the frozen decoder's input distribution."""

@@ -62,12 +62,14 @@ class DecoderPretraining(UAEStage):
             return
         images, n = batch["images"], len(batch["images"])
         seed = self.hparams.eval_seed + batch_idx
-        full = self.reconstruct_from_text(list(batch["caption"]), seed, self.hparams.eval_steps)
-        empty = self.reconstruct_from_text([""] * n, seed, self.hparams.eval_steps)
+        noise = self.sample_noise(n, seed)
+        full = self.redraw(list(batch["caption"]), noise, self.hparams.eval_steps)
+        empty = self.redraw([""] * n, noise, self.hparams.eval_steps)
         self.log("similarity_complete_caption", self.reward.score(full, images).mean(), batch_size=n)
         self.log("similarity_empty_caption", self.reward.score(empty, images).mean(), batch_size=n)
 
     def preview(self, batch: dict) -> dict:
         """For the image logger: originals and reconstructions from their complete captions."""
         return {"captions": list(batch["caption"]),
-                "reconstructions": self.reconstruct_from_text(list(batch["caption"]), self.hparams.eval_seed, self.hparams.eval_steps)}
+                "reconstructions": self.redraw(list(batch["caption"]), self.sample_noise(len(batch["images"]), self.hparams.eval_seed),
+                                               self.hparams.eval_steps)}
