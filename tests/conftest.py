@@ -8,6 +8,8 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+
 import uae_lightning.cli  # noqa: F401  (registers the run-name resolver the configs use)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
@@ -36,3 +38,22 @@ FAST = [
     "callbacks.preview_every_n_steps=2",
     "callbacks.preview_images=2",
 ]
+
+
+def save_tiny_clip(path):
+    """A tiny random CLIP (model + image processor) saved like a hub checkpoint."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+def save_tiny_dinov2(path):
+    """A tiny random DINOv2 saved like a hub checkpoint."""
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=32, patch_size=8)).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)

@@ -94,10 +94,39 @@ def test_toy_datamodule_is_seeded_and_splits_are_disjoint():
     dm = UAEDataModule(source="toy", train_size=32, val_size=16, batch_size=8, caption_levels={"short": 1.0})
     dm.setup()
     first = next(iter(dm.train_dataloader()))
-    again = next(iter(UAEDataModule(source="toy", train_size=32, val_size=16, batch_size=8)._loader(dm.train_set, 8, True)))
+    other = UAEDataModule(source="toy", train_size=32, val_size=16, batch_size=8, caption_levels={"short": 1.0})
+    other.setup()
+    again = next(iter(other.train_dataloader()))
     assert first["caption"] == again["caption"]
     assert first["images"].shape == (8, 3, 32, 32)
     assert all(len(s.split()) < len(c.split()) for s, c in zip(first["short_caption"], first["caption"]))
     train_scenes = {dm.train_set[i]["scene"] for i in range(32)}
     val_scenes = {dm.val_set[i]["scene"] for i in range(16)}
     assert len(train_scenes & val_scenes) <= 2  # only by chance (a few hundred distinct small scenes)
+
+
+def test_resumable_sampler_skips_trained_batches_and_shards_global_batches(monkeypatch):
+    from uae_lightning.data.datamodule import ResumableSampler
+
+    full = ResumableSampler(40, batch_size=4, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert len(order) == len(full) == 40 and sorted(order) == list(range(40))
+    full.set_epoch(3)
+    assert list(full) != order  # a new permutation each epoch
+    resumed = ResumableSampler(40, batch_size=4, seed=3)
+    resumed.resume_from(epoch=2, batches_done=3)
+    resumed.set_epoch(2)
+    assert list(resumed) == order[12:]  # the 3 trained batches are skipped ...
+    assert list(resumed) == order  # ... once: the next pass is the whole epoch again
+    # Two ranks with batch 2 see the samples of one process with batch 4, global batch by global batch.
+    monkeypatch.setattr(ResumableSampler, "_topology", staticmethod(lambda: (0, 2)))
+    r0 = ResumableSampler(40, batch_size=2, seed=3)
+    r0.set_epoch(2)
+    rank0 = list(r0)
+    monkeypatch.setattr(ResumableSampler, "_topology", staticmethod(lambda: (1, 2)))
+    r1 = ResumableSampler(40, batch_size=2, seed=3)
+    r1.set_epoch(2)
+    rank1 = list(r1)
+    for b in range(10):
+        assert sorted(rank0[2 * b : 2 * b + 2] + rank1[2 * b : 2 * b + 2]) == sorted(order[4 * b : 4 * b + 4])

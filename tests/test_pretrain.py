@@ -47,3 +47,10 @@ def test_interrupted_stage_resumes_from_last_checkpoint_and_finished_stage_is_re
     mtime = (stage_dir / "weights.safetensors").stat().st_mtime_ns
     again = run_pipeline(compose_cfg([*base, "stages.pretrain.trainer.max_steps=6"]), tmp_path)
     assert again == summary and (stage_dir / "weights.safetensors").stat().st_mtime_ns == mtime
+    # The resumed run (mid-epoch: 8 batches per epoch) is the uninterrupted run: same data, noise and weights.
+    straight = run_pipeline(compose_cfg([*base, "stages.pretrain.trainer.max_steps=6"]), tmp_path / "straight")
+    assert straight == summary
+    from safetensors.torch import load_file
+
+    a, b = load_file(stage_dir / "weights.safetensors"), load_file(tmp_path / "straight" / "pretrain" / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

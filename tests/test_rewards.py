@@ -1,30 +1,14 @@
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+from transformers import CLIPImageProcessor, CLIPModel
 
+from conftest import save_tiny_clip, save_tiny_dinov2
 from uae_lightning.rewards.backbones import HFBackbone, Similarity, ToyPixels, ToyRegionColours, build_backbone
 
 
-def _tiny_clip(path):
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-
-
-def _tiny_dinov2(path):
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             image_size=32, patch_size=8)).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
-
-
 def test_hf_backbones_load_from_a_folder_like_a_hub_id(tmp_path):
-    _tiny_clip(tmp_path / "clip")
-    _tiny_dinov2(tmp_path / "dino")
+    save_tiny_clip(tmp_path / "clip")
+    save_tiny_dinov2(tmp_path / "dino")
     clip, dino = build_backbone(str(tmp_path / "clip")), build_backbone(str(tmp_path / "dino"))
     assert isinstance(clip, HFBackbone) and clip.contrastive and not dino.contrastive
     x = torch.rand(3, 3, 64, 64)  # any resolution: resized to the processor's crop size
@@ -40,7 +24,7 @@ def test_hf_backbones_load_from_a_folder_like_a_hub_id(tmp_path):
 
 
 def test_similarity_is_one_for_identical_images_weighted_and_differentiable(tmp_path):
-    _tiny_clip(tmp_path / "clip")
+    save_tiny_clip(tmp_path / "clip")
     sim = Similarity({"toy_pixels": 1.0, "toy_regions": 1.0, str(tmp_path / "clip"): 2.0})
     assert sim.weights == {"toy_pixels": 0.25, "toy_regions": 0.25, str(tmp_path / "clip"): 0.5}
     a = torch.rand(4, 3, 32, 32)

@@ -12,18 +12,27 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from uae_lightning.bench.core import run_bench
+from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks.images import ImagePreview
+from uae_lightning.callbacks.preemption import Preemption, slurm_job_id
 from uae_lightning.config import validate
+from uae_lightning.pipeline import UAEPipeline
+from uae_lightning.slurm import check_allocation, register_resolvers
 from uae_lightning.rewards.callback import RewardCallback
 
 log = logging.getLogger("uae_lightning")
@@ -38,6 +47,7 @@ def run_name(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("uae_run_name", run_name, replace=True)
+register_resolvers()  # uae_slurm_* for conf/hydra/launcher/submitit_slurm.yaml
 
 
 def _merged(base: DictConfig, delta) -> DictConfig:
@@ -54,11 +64,18 @@ def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
         ImagePreview(cfg.callbacks.preview_every_n_steps, cfg.callbacks.preview_images),
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=0),
     ]
+    plugins = []
+    if slurm_job_id() is not None:
+        # Under SLURM the Preemption callback is the one owner of checkpoint-and-requeue (callbacks/preemption.py).
+        callbacks.append(Preemption(stage_dir / "checkpoints" / "last.ckpt"))
+        if SLURMEnvironment.detect():
+            plugins.append(SLURMEnvironment(auto_requeue=False))
     loggers = []
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version="", default_hp_metric=False))
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    return L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers or False, **trainer_cfg)
+    return L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers or False, plugins=plugins,
+                     **trainer_cfg)
 
 
 def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from: str | None) -> dict:
@@ -95,13 +112,45 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     weights = stage_dir / "weights.safetensors"
     if trainer.is_global_zero:
         module.save_weights(weights)
-        result = {"metrics": metrics, "weights": str(weights), "data": dict(module.data_counts)}
+        shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
+        result = {"metrics": metrics, "weights": str(weights), "global_step": trainer.global_step,
+                  "data": dict(module.data_counts)}
         done_file.write_text(json.dumps(result, indent=2))
     return {"metrics": metrics, "weights": str(weights)}
 
 
+def reference_images(cfg: DictConfig, folder: Path) -> Path:
+    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split written once as PNGs."""
+    if cfg.bench.images:
+        return Path(cfg.bench.images)
+    marker = folder / "complete"
+    if not marker.exists():
+        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule.setup("test")
+        for i in range(len(datamodule.val_set)):
+            item = datamodule.val_set[i]
+            if "image" in item:  # unreadable held-out files are counted by the stages, not benchmarked
+                save_png(item["image"].float() / 255.0, folder / f"{i:05d}.png")
+        marker.touch()
+    return folder
+
+
+def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
+    """Unified-Bench of a finished stage's weights (resumes if interrupted); returns its summary."""
+    out = run_dir / name / "unified_bench"
+    b = cfg.bench
+    pipe = UAEPipeline.from_weights(weights, OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution,
+                                    num_steps=b.num_steps, max_new_tokens=b.max_new_tokens,
+                                    guidance_scale=b.guidance_scale, negative_prompt=b.negative_prompt)
+    pipe.to("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    log.info("stage %s: Unified-Bench", name)
+    return run_bench(pipe, reference_images(cfg, run_dir / "bench_images"), out, list(b.backbones), b.batch_size,
+                     b.seed, progress=cfg.trainer.enable_progress_bar)
+
+
 def format_table(summary: dict) -> str:
     rows = [(stage, k, v) for stage, metrics in summary["stages"].items() for k, v in metrics.items()]
+    rows += [(stage, "unified_bench", v) for stage, v in summary["unified_bench"].items()]
     width = max([len(f"{s}  {k}") for s, k, _ in rows] + [10])
     lines = [f"{'stage  metric':<{width}}  value", "-" * (width + 10)]
     lines += [f"{f'{s}  {k}':<{width}}  {v:.4f}" for s, k, v in rows]
@@ -110,14 +159,19 @@ def format_table(summary: dict) -> str:
 
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
+    check_allocation(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"stages": {}}
+    summary: dict = {"stages": {}, "unified_bench": {}}
     init_from = cfg.init_from
     for index, name in enumerate(cfg.run):
         log.info("=== stage %d/%d: %s ===", index + 1, len(cfg.run), name)
         result = run_stage(cfg, name, index, run_dir / name, init_from)
         summary["stages"][name] = result["metrics"]
         init_from = result["weights"]
+        if rank_zero_only.rank == 0:
+            summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
+    if rank_zero_only.rank != 0:
+        return summary
     path = run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     print("\n" + format_table(summary) + f"\n\nsummary: {path}\ntensorboard --logdir {run_dir}")

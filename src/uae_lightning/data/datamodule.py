@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uae_lightning.data import toy
 from uae_lightning.data.images import SkipSample, load_image
@@ -118,6 +118,52 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+class ResumableSampler(Sampler[int]):
+    """Shuffled training order that is a pure function of (seed, epoch, position), sharded over ranks.
+
+    Epoch e is a permutation seeded by (seed, e), cut to whole global batches (batch_size x world_size); rank r
+    takes every world_size-th index starting at r, so each global batch holds the same samples whether it is
+    processed by one process or by several. After a resume, the first epoch skips the global batches that were
+    already trained on (`resume_from`), so an interrupted run sees exactly the data of an uninterrupted one.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch = 0
+        self.skip: tuple[int, int] | None = None  # (epoch, global batches already trained in it)
+
+    @staticmethod
+    def _topology() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
+        self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        self.skip = (epoch, batches_done)
+
+    def __len__(self) -> int:
+        rank, world = self._topology()
+        return (self.size // (self.batch_size * world)) * self.batch_size
+
+    def __iter__(self):
+        rank, world = self._topology()
+        per_global = self.batch_size * world
+        n_batches = self.size // per_global
+        if n_batches == 0:
+            raise ValueError(f"{self.size} training samples cannot fill one global batch of {per_global} "
+                             f"(data.batch_size={self.batch_size} x {world} processes)")
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        start = 0
+        if self.skip is not None and self.skip[0] == self.epoch:
+            start = self.skip[1]
+        self.skip = None
+        order = order[start * per_global : n_batches * per_global]
+        return iter(order[rank::world].tolist())
+
+
 class UAEDataModule(L.LightningDataModule):
     """The shared DataModule. `source="toy"` generates the shapes world; `source="manifest"` reads files."""
 
@@ -143,6 +189,8 @@ class UAEDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.sampler: ResumableSampler | None = None
+        self._resume: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -165,24 +213,42 @@ class UAEDataModule(L.LightningDataModule):
         self.train_set = ManifestImages(rows, h.resolution, h.min_side, h.max_pixels)
         self.val_set = ManifestImages(val_rows, h.resolution, h.min_side, h.max_pixels)
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
+    def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        # A generator of its own: creating an iterator draws a base seed, which must not come from (and shift) the
+        # global random stream, or a run resumed mid-epoch would sample different noise than an uninterrupted one.
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=gen if shuffle else None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
-            drop_last=shuffle,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        self.sampler = ResumableSampler(len(self.train_set), self.hparams.batch_size, self.hparams.seed)
+        if self._resume is not None:
+            self.sampler.resume_from(*self._resume)
+            self._resume = None
+        return self._loader(self.train_set, self.hparams.batch_size, self.sampler)
+
+    # Saved in every checkpoint (Lightning stores a DataModule's state_dict): where in which epoch training was.
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = (state["epoch"], state["batches_done"])
+            if self.sampler is not None:
+                self.sampler.resume_from(*self._resume)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

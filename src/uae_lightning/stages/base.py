@@ -6,20 +6,24 @@ Each stage file (pretrain.py, ...) holds its own algorithm top to bottom; this f
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import load_file, save_file
 
 from uae_lightning.data import toy
-from uae_lightning.models.build import (
-    adapter_state_dict, add_lora, base_state_dict, build_connector, build_decoder, build_encoder, has_adapter,
-    plain_state_dict,
-)
+from uae_lightning.models.build import add_lora, build_connector, build_decoder, build_encoder
+from uae_lightning.models.weights import load_weights, save_weights
+from uae_lightning.pipeline import redraw
 from uae_lightning.rewards.callback import RewardCallback
+
+
+def _as_tuples(x):
+    """random.setstate needs tuples; a checkpoint round trip may have turned them into lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class NonFiniteError(RuntimeError):
@@ -83,46 +87,11 @@ class UAEStage(L.LightningModule):
             transformer.enable_gradient_checkpointing()
 
     def save_weights(self, path: str | Path) -> None:
-        """The stage's result: what the next stage (or an export) starts from. Decoder and connector adapters are
-        merged. The captioner's LoRA (`encoder_lora`) is kept apart (`encoder_adapter.*` + its config in the
-        metadata), so later stages can still caption with it and condition the decoder without it."""
-        sd, meta = {}, {}
-        keep = self.encoder_lora is not None and has_adapter(self.encoder.model)
-        parts = {
-            "encoder": base_state_dict(self.encoder) if keep else plain_state_dict(self.encoder),
-            "connector": plain_state_dict(self.connector),
-            "decoder": plain_state_dict(self.decoder),
-        }
-        if keep:
-            parts["encoder_adapter"] = adapter_state_dict(self.encoder)
-            meta["encoder_lora"] = json.dumps(self.encoder_lora)
-        for name, part in parts.items():
-            sd.update({f"{name}.{k}": v.contiguous() for k, v in part.items()})
-        tmp = Path(str(path) + ".tmp")
-        save_file(sd, str(tmp), metadata=meta)
-        tmp.replace(path)  # atomic: a preempted job never leaves half a file behind
+        """The stage's result, what the next stage (or an export) starts from (format: models/weights.py)."""
+        save_weights(path, self.encoder, self.connector, self.decoder, self.encoder_lora)
 
     def load_weights(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-
-        def part(prefix: str) -> dict:
-            return {k[len(prefix) + 1 :]: v for k, v in sd.items() if k.startswith(prefix + ".")}
-
-        for name in ("encoder", "connector", "decoder"):
-            missing, unexpected = getattr(self, name).load_state_dict(part(name), strict=False)
-            if missing or unexpected:
-                raise RuntimeError(f"init_from={path}: {name} does not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if "encoder_lora" in meta:
-            self.encoder_lora = json.loads(meta["encoder_lora"])
-            add_lora(self.encoder.model, self.encoder_lora)
-            missing, unexpected = self.encoder.load_state_dict(part("encoder_adapter"), strict=False)
-            missing = [k for k in missing if "lora_" in k]
-            if missing or unexpected:
-                raise RuntimeError(f"init_from={path}: encoder adapter does not match (missing {missing[:5]})")
+        self.encoder_lora = load_weights(path, self.encoder, self.connector, self.decoder)
 
     def configure_optimizers(self):
         """AdamW on whatever `configure_trainable` unfroze, linear warm-up then constant (hparams lr, weight_decay,
@@ -175,18 +144,45 @@ class UAEStage(L.LightningModule):
             )
         return False
 
+    def global_draw(self, draw, n_local: int) -> torch.Tensor:
+        """Per-sample randomness for this rank's `n_local` samples, drawn for the whole global batch from the RNG
+        every rank shares (all ranks are seeded alike) and sliced to this rank's samples: N processes with batch B
+        draw exactly what one process with batch N x B draws (the sampler gives rank r global samples r, r+N, ...).
+        `draw(n)` returns a tensor whose first dimension is n."""
+        attached = self._trainer is not None
+        world, rank = (self.trainer.world_size, self.global_rank) if attached else (1, 0)
+        values = draw(n_local * world)
+        return values.view(n_local, world, *values.shape[1:])[:, rank]
+
+    # Resuming must continue the random stream too: an interrupted run then matches an uninterrupted one.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["uae_state"] = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+            "data_counts": dict(self.data_counts),
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("uae_state")
+        if not state:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(_as_tuples(state["python_rng"]))
+        self.data_counts = Counter(state["data_counts"])
+        self.nonfinite_total = state["nonfinite_total"]
+
     def sample_noise(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(seed)
         size = self.decoder.latent_size(self.resolution)
         return torch.randn(n, self.decoder.latent_channels, size, size, generator=g).to(self.device)
 
-    @torch.no_grad()
     def redraw(self, texts: list[str], noise: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """Caption text -> image with given initial noise; the decoder is conditioned by the encoder without its
-        captioner adapter, so captioner training never moves the frozen decoder's input distribution."""
-        with self.encoder.adapter_disabled():
-            hidden, mask = self.encoder.condition(texts)
-        return self.decoder.decode(self.decoder.sample(self.connector(hidden), mask, noise, num_steps))
+        """Caption text -> image from given noise, through the text bottleneck (pipeline.redraw)."""
+        return redraw(self.encoder, self.connector, self.decoder, texts, noise, num_steps)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out metrics of the whole auto-encoder (stages with other metrics override this)."""

@@ -43,17 +43,20 @@ class DecoderPretraining(UAEStage):
         h = self.hparams
         images, captions = batch["images"], list(batch["caption"])
         # Drop captions at random so the decoder also learns the unconditional field (classifier-free guidance).
-        drop = torch.rand(len(captions)) < h.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop)]
+        # Every draw is made for the global batch and sliced to this rank (global_draw), so the loss does not
+        # depend on how the batch is split over processes.
+        n = len(captions)
+        drop = self.global_draw(torch.rand, n) < h.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
             hidden, mask = self.encoder.condition(captions)
             z0 = self.decoder.encode(images)
         cond = self.connector(hidden)
-        noise = torch.randn_like(z0)
-        t = sample_t(len(z0), h.weighting_scheme, h.logit_mean, h.logit_std, h.mode_scale, z0.device)
+        noise = self.global_draw(lambda k: torch.randn(k, *z0.shape[1:]), n).to(z0)
+        t = self.global_draw(lambda k: sample_t(k, h.weighting_scheme, h.logit_mean, h.logit_std, h.mode_scale, "cpu"), n).to(z0.device)
         v = self.decoder.velocity(noisy_latents(z0, noise, t), t, cond, mask)
         loss = flow_matching_loss(v, z0, noise, t, h.weighting_scheme)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> None:

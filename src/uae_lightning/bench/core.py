@@ -1,0 +1,211 @@
+"""Unified-Bench (PAPER.md "Unified-Bench"): caption each reference image, redraw it from its own caption through
+the text bottleneck, and score original vs reconstruction by cosine similarity under each backbone.
+
+Score per backbone = mean over images; overall = mean of the backbone means x 100.
+
+Outputs in the output folder:
+    results.jsonl      one line per image: image, caption, reconstruction, scores {backbone: cosine}
+    reconstructions/   the redrawn images (PNG, same relative names as the references)
+    summary.json       per-backbone means, overall, image and skip counts
+    results.md         the same as a markdown table
+    grid.png           originals (top row) over reconstructions (bottom row) of the first images
+
+A re-run skips images already in results.jsonl, so an interrupted run resumes and ends with the same numbers:
+each image's noise comes from its name and the seed, never from its position in a batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from uae_lightning.bench.io import list_images, load_tensor, save_grid, save_png, to_uint8
+from uae_lightning.rewards.backbones import PAPER_BACKBONES, Similarity
+
+log = logging.getLogger("uae_lightning.bench")
+
+DEFAULT_BACKBONES = list(PAPER_BACKBONES)  # clip, dinov2, dinov3, longclip
+RESULTS, SUMMARY = "results.jsonl", "summary.json"
+
+
+class Scorer:
+    """Cosine similarity of original vs reconstruction under each backbone (same backbones as the rewards)."""
+
+    def __init__(self, backbones: list[str], device: str | torch.device = "cpu"):
+        if not backbones:
+            raise ValueError("Unified-Bench needs at least one backbone")
+        self.names = list(backbones)
+        self.similarity = Similarity({b: 1.0 for b in self.names}).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, list[float]]:
+        scores = self.similarity.per_backbone(reconstructions.to(self.device), originals.to(self.device))
+        return {k: v.float().cpu().tolist() for k, v in scores.items()}
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """What an 8-bit PNG of `images` holds: scoring this equals scoring the saved file."""
+    return torch.stack([torch.from_numpy(to_uint8(img)).permute(2, 0, 1).float() / 255.0 for img in images])
+
+
+class Results:
+    """results.jsonl: the finished images (read back on resume) and one appended line per newly finished image."""
+
+    def __init__(self, out: Path):
+        self.path = out / RESULTS
+        self.rows: dict[str, dict] = {}
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: that image is redone
+                    continue
+                self.rows[row["image"]] = row
+            # Rewrite without any partial line, so appends start on a clean line.
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(RESULTS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()))
+        tmp.replace(self.path)
+
+    def add(self, row: dict) -> None:
+        self.rows[row["image"]] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def summarise(rows: list[dict], backbones: list[str], skipped: Counter, out: Path, meta: dict) -> dict:
+    """Per-backbone means, overall x 100, written as summary.json and results.md."""
+    if not rows:
+        raise RuntimeError(f"Unified-Bench scored no image (skipped: {dict(skipped) or 'none'}); see {out}")
+    means = {b: sum(r["scores"][b] for r in rows) / len(rows) for b in backbones}
+    summary = {
+        "overall": 100.0 * sum(means.values()) / len(means),
+        "backbones": {b: 100.0 * m for b, m in means.items()},
+        "images": len(rows),
+        "skipped": dict(skipped),
+        **meta,
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    lines = ["| backbone | score (x100) |", "|---|---:|"]
+    lines += [f"| {b} | {s:.2f} |" for b, s in summary["backbones"].items()]
+    lines += [f"| **overall** | **{summary['overall']:.2f}** |", "",
+              f"{len(rows)} images" + (f"; skipped: {dict(skipped)}" if skipped else "")]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def _write_grid(out: Path, pairs: list[tuple[Path, Path]], resolution: int, n: int = 8) -> None:
+    loaded = [(load_tensor(a, resolution), load_tensor(b, resolution)) for a, b in pairs[:n]]
+    loaded = [(a, b) for a, b in loaded if a is not None and b is not None]
+    if loaded:
+        save_grid([[a for a, _ in loaded], [b for _, b in loaded]], out / "grid.png")
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None, batch_size: int = 16,
+              seed: int = 0, num_steps: int | None = None, progress: bool = True) -> dict:
+    """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images."""
+    from uae_lightning.pipeline import seed_for
+
+    root, out = Path(images), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbones = list(backbones or DEFAULT_BACKBONES)
+    scorer = Scorer(backbones, pipe.device)
+    files = list_images(root)
+    if not files:
+        raise FileNotFoundError(f"no images in {root} (looked for {', '.join(('png', 'jpg', 'jpeg', 'webp'))}, ...)")
+    results = Results(out)
+    skipped: Counter = Counter()
+    todo = [f for f in files if str(f.relative_to(root)) not in results.rows]
+    if len(todo) < len(files):
+        log.info("Unified-Bench: %d of %d images already done in %s; resuming", len(files) - len(todo), len(files), out)
+    bar = tqdm(total=len(todo), desc="Unified-Bench", unit="img", disable=not progress)
+    for batch in _batches(todo, batch_size):
+        loaded = [(f, load_tensor(f, pipe.resolution)) for f in batch]
+        for f, img in loaded:
+            if img is None:
+                skipped["unreadable"] += 1
+                log.warning("Unified-Bench: skipped unreadable image %s", f)
+        loaded = [(f, img) for f, img in loaded if img is not None]
+        if loaded:
+            names = [str(f.relative_to(root)) for f, _ in loaded]
+            originals = torch.stack([img for _, img in loaded])
+            texts, recon = pipe.reconstruct(originals, [seed_for(n, seed) for n in names], num_steps)
+            recon = quantize(recon)
+            scores = scorer(originals, recon)
+            for i, name in enumerate(names):
+                rel = Path("reconstructions") / Path(name).with_suffix(".png")
+                save_png(recon[i], out / rel)
+                results.add({"image": name, "caption": texts[i], "reconstruction": str(rel),
+                             "scores": {b: scores[b][i] for b in backbones}})
+        bar.update(len(batch))
+    bar.close()
+    rows = [results.rows[k] for k in sorted(results.rows)]
+    meta = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution}
+    summary = summarise(rows, backbones, skipped, out, meta)
+    _write_grid(out, [(root / r["image"], out / r["reconstruction"]) for r in rows], pipe.resolution)
+    return summary
+
+
+def score_folders(originals: str | Path, reconstructions: str | Path, out: str | Path,
+                  backbones: list[str] | None = None, resolution: int = 512, batch_size: int = 16,
+                  device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Score reconstructions made elsewhere against their originals with exactly the same scorer. A reconstruction
+    pairs with the original of the same relative path (any image suffix); both are centre-cropped and resized to
+    `resolution`. Originals without a reconstruction are skipped and counted."""
+    root, rec_root, out = Path(originals), Path(reconstructions), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbones = list(backbones or DEFAULT_BACKBONES)
+    scorer = Scorer(backbones, device)
+    recon_by_stem = {str(f.relative_to(rec_root).with_suffix("")): f for f in list_images(rec_root)}
+    results = Results(out)
+    skipped: Counter = Counter()
+    pairs = []
+    for f in list_images(root):
+        name = str(f.relative_to(root))
+        match = recon_by_stem.get(str(Path(name).with_suffix("")))
+        if match is None:
+            skipped["missing_reconstruction"] += 1
+        elif name not in results.rows:
+            pairs.append((name, f, match))
+    if skipped:
+        log.warning("Unified-Bench: %d originals have no reconstruction in %s", skipped["missing_reconstruction"], rec_root)
+    for batch in tqdm(list(_batches(pairs, batch_size)), desc="Unified-Bench (score)", unit="batch", disable=not progress):
+        loaded = [(n, load_tensor(a, resolution), load_tensor(b, resolution), b) for n, a, b in batch]
+        ok = [x for x in loaded if x[1] is not None and x[2] is not None]
+        if len(ok) < len(loaded):
+            skipped["unreadable"] += len(loaded) - len(ok)
+        if not ok:
+            continue
+        scores = scorer(torch.stack([x[1] for x in ok]), torch.stack([x[2] for x in ok]))
+        for i, (name, _, _, rec) in enumerate(ok):
+            results.add({"image": name, "caption": None, "reconstruction": str(rec),
+                         "scores": {b: scores[b][i] for b in backbones}})
+    rows = [results.rows[k] for k in sorted(results.rows)]
+    summary = summarise(rows, backbones, skipped, out, {"mode": "score", "resolution": resolution})
+    _write_grid(out, [(root / r["image"], Path(r["reconstruction"])) for r in rows], resolution)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    width = max(len(b) for b in [*summary["backbones"], "overall"])
+    lines = [f"{'backbone':<{width}}  score", "-" * (width + 9)]
+    lines += [f"{b:<{width}}  {s:6.2f}" for b, s in summary["backbones"].items()]
+    lines += [f"{'overall':<{width}}  {summary['overall']:6.2f}", f"({summary['images']} images"
+              + (f"; skipped {summary['skipped']})" if summary["skipped"] else ")")]
+    return "\n".join(lines)

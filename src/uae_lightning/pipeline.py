@@ -1,0 +1,266 @@
+"""Inference on a trained auto-encoder: caption(image), generate(text), reconstruct(image); export to and load
+from Hugging Face formats.
+
+    pipe = UAEPipeline.from_run("runs/toy/default")            # the last finished stage of a run
+    pipe = UAEPipeline.from_pretrained("exports/toy")           # an export written by save_pretrained
+    texts = pipe.caption(images)                                # float [B,3,H,W] in [0,1] -> captions
+    images = pipe.generate(texts, seeds=[0, 1])                 # captions -> images, one seed per image
+    pipe.save_pretrained("exports/toy")
+
+Export layout (each part loads with its library's own `from_pretrained`):
+
+    encoder/          Qwen2_5_VLForConditionalGeneration + processor (base weights, no adapter)
+    encoder_adapter/  the captioner's LoRA as a peft adapter (adapter_config.json, adapter_model.safetensors)
+    connector/        config.json + model.safetensors
+    decoder/          a diffusers layout: transformer/, scheduler/, vae/ (latent decoders), pooled.pt
+    uae_pipeline.json resolution, sampling defaults, and the model settings that are not in the parts above
+
+The command line (`python -m uae_lightning.pipeline --help`) captions, generates, reconstructs and exports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from uae_lightning.models.build import (
+    base_state_dict, build_connector, build_decoder, build_encoder, has_adapter, lora_config,
+)
+from uae_lightning.models.weights import load_weights
+
+EXPORT_FILE = "uae_pipeline.json"
+PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter of a whole model
+
+
+@torch.no_grad()
+def redraw(encoder, connector, decoder, texts: list[str], noise: torch.Tensor, num_steps: int,
+           guidance_scale: float = 1.0, negative_prompt: str = "") -> torch.Tensor:
+    """Caption text -> image from the given initial noise, through the text bottleneck (classifier-free guidance
+    against `negative_prompt` when guidance_scale != 1). The decoder is conditioned by the encoder without its
+    captioner adapter, so captioner training never moves the decoder's inputs."""
+    negative = None
+    with encoder.adapter_disabled():
+        hidden, mask = encoder.condition(texts)
+        if guidance_scale != 1.0:
+            neg_hidden, neg_mask = encoder.condition([negative_prompt] * len(texts))
+            negative = (connector(neg_hidden), neg_mask)
+    latents = decoder.sample(connector(hidden), mask, noise, num_steps, guidance_scale, negative)
+    return decoder.decode(latents)
+
+
+def seed_for(key: str, seed: int) -> int:
+    """A per-item seed from a name: an image's noise never depends on which batch it lands in (resumable bench)."""
+    return (zlib.crc32(key.encode()) + seed * 1_000_003) % (2**63)
+
+
+class UAEPipeline(nn.Module):
+    def __init__(self, encoder, connector, decoder, resolution: int, model_cfg: dict, num_steps: int = 28,
+                 max_new_tokens: int = 512, guidance_scale: float = 1.0, negative_prompt: str = "",
+                 encoder_lora: dict | None = None):
+        super().__init__()
+        self.encoder, self.connector, self.decoder = encoder, connector, decoder
+        self.resolution = resolution
+        self.model_cfg = model_cfg
+        self.num_steps = num_steps
+        self.max_new_tokens = max_new_tokens
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+        self.encoder_lora = encoder_lora
+        self.eval().requires_grad_(False)
+
+    # ---- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, weights: str | Path, model_cfg: dict, resolution: int, **kwargs) -> "UAEPipeline":
+        """Build the models of `model_cfg` (the run's `model:` config) and load a stage's weights.safetensors."""
+        padding = model_cfg["condition_padding"]
+        encoder = build_encoder(model_cfg["encoder"], resolution, padding)
+        decoder = build_decoder(model_cfg["decoder"], resolution, padding)
+        connector = build_connector(model_cfg["connector"], encoder, decoder)
+        lora = load_weights(weights, encoder, connector, decoder)
+        return cls(encoder, connector, decoder, resolution, model_cfg, encoder_lora=lora, **kwargs)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, stage: str | None = None, **kwargs) -> "UAEPipeline":
+        """A run directory of `python -m uae_lightning`: its saved config and one stage's weights (default: the
+        last stage of the run that finished)."""
+        run_dir = Path(run_dir)
+        cfg_file = run_dir / ".hydra" / "config.yaml"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no .hydra/config.yaml)")
+        cfg = OmegaConf.load(cfg_file)
+        finished = [s for s in cfg.run if (run_dir / s / "done.json").is_file()]
+        if stage is None:
+            if not finished:
+                raise FileNotFoundError(f"{run_dir}: no stage has finished yet (no */done.json)")
+            stage = finished[-1]
+        elif stage not in finished:
+            raise FileNotFoundError(f"{run_dir}: stage {stage!r} has not finished; finished: {finished}")
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        return cls.from_weights(run_dir / stage / "weights.safetensors", model_cfg, cfg.data.resolution, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "UAEPipeline":
+        """Load an export written by `save_pretrained`; the encoder and decoder load through the same
+        `from_pretrained` code path as Hugging Face hub checkpoints."""
+        path = Path(path)
+        meta_file = path / EXPORT_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a uae_lightning export (no {EXPORT_FILE})")
+        meta = json.loads(meta_file.read_text())
+        cfg = meta["model"]
+        cfg["encoder"]["pretrained"] = str(path / "encoder")
+        cfg["decoder"]["pretrained"] = str(path / "decoder")
+        cfg["decoder"]["pooled"] = str(path / "decoder" / "pooled.pt")
+        padding = cfg["condition_padding"]
+        encoder = build_encoder(cfg["encoder"], meta["resolution"], padding)
+        decoder = build_decoder(cfg["decoder"], meta["resolution"], padding)
+        conn_cfg = json.loads((path / "connector" / "config.json").read_text())
+        connector = build_connector({"hidden_multiplier": conn_cfg["hidden_multiplier"]}, encoder, decoder)
+        connector.load_state_dict(load_file(str(path / "connector" / "model.safetensors")))
+        lora = None
+        adapter_dir = path / "encoder_adapter"
+        if adapter_dir.is_dir():
+            lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+            inject_adapter_in_model(lora_cfg, encoder.model)
+            sd = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+            result = set_peft_model_state_dict(encoder.model, sd)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing:
+                raise RuntimeError(f"{adapter_dir}: adapter does not match the encoder (missing {missing[:5]})")
+            lora = meta.get("encoder_lora")
+        defaults = {k: meta[k] for k in ("num_steps", "max_new_tokens", "guidance_scale", "negative_prompt")}
+        return cls(encoder, connector, decoder, meta["resolution"], cfg, encoder_lora=lora, **{**defaults, **kwargs})
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the export (layout in the module docstring); returns its directory."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        enc = self.encoder.model
+        adapter = has_adapter(enc)
+        enc.save_pretrained(path / "encoder", state_dict=base_state_dict(enc) if adapter else None)
+        self.encoder.processor.save_pretrained(path / "encoder")
+        if adapter:
+            adapter_dir = path / "encoder_adapter"
+            adapter_dir.mkdir(exist_ok=True)
+            if self.encoder_lora is None:
+                raise ValueError("the encoder has a LoRA adapter but the pipeline has no encoder_lora config for it")
+            lora_config(self.encoder_lora).save_pretrained(str(adapter_dir))
+            sd = get_peft_model_state_dict(enc)
+            save_file({PEFT_PREFIX + k: v.contiguous() for k, v in sd.items()}, str(adapter_dir / "adapter_model.safetensors"))
+        (path / "connector").mkdir(exist_ok=True)
+        (path / "connector" / "config.json").write_text(json.dumps(
+            {"in_dim": self.connector.in_dim, "out_dim": self.connector.out_dim,
+             "hidden_multiplier": self.connector[0].out_features // self.connector.in_dim}))
+        save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(path / "connector" / "model.safetensors"))
+        dec = path / "decoder"
+        self.decoder.transformer.save_pretrained(dec / "transformer")
+        self.decoder.scheduler.save_pretrained(dec / "scheduler")
+        if self.decoder.vae is not None:
+            self.decoder.vae.save_pretrained(dec / "vae")
+        torch.save(self.decoder.pooled.detach().cpu().clone(), dec / "pooled.pt")
+        cfg = json.loads(json.dumps(self.model_cfg))
+        cfg["decoder"]["vae"] = self.decoder.vae is not None
+        meta = {"resolution": self.resolution, "num_steps": self.num_steps, "max_new_tokens": self.max_new_tokens,
+                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "encoder_lora": self.encoder_lora, "model": cfg}
+        (path / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
+        return path
+
+    # ---- inference -------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.connector[0].weight.device
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        size = self.decoder.latent_size(self.resolution)
+        return torch.stack([torch.randn(self.decoder.latent_channels, size, size,
+                                        generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy captions of images (float [B,3,H,W] in [0,1], at the pipeline's resolution)."""
+        return self.encoder.caption(images.to(self.device), do_sample=False,
+                                    max_new_tokens=max_new_tokens or self.max_new_tokens).texts
+
+    @torch.no_grad()
+    def generate(self, texts: list[str], seeds: list[int] | None = None, num_steps: int | None = None) -> torch.Tensor:
+        """Images (float [B,3,H,W] in [0,1]) from texts; image i starts from the noise of seeds[i]."""
+        seeds = list(range(len(texts))) if seeds is None else seeds
+        if len(seeds) != len(texts):
+            raise ValueError(f"generate: {len(texts)} texts but {len(seeds)} seeds")
+        return redraw(self.encoder, self.connector, self.decoder, texts, self.noise(seeds), num_steps or self.num_steps,
+                      self.guidance_scale, self.negative_prompt)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, seeds: list[int] | None = None,
+                    num_steps: int | None = None) -> tuple[list[str], torch.Tensor]:
+        """Image -> caption -> image: the auto-encoder round trip; returns the captions and the redrawn images."""
+        texts = self.caption(images)
+        return texts, self.generate(texts, seeds, num_steps)
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def load(source: str, stage: str | None = None, **kwargs) -> UAEPipeline:
+    """An export directory, or a run directory (optionally one of its stages)."""
+    if (Path(source) / EXPORT_FILE).is_file():
+        return UAEPipeline.from_pretrained(source, **kwargs)
+    return UAEPipeline.from_run(source, stage, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from uae_lightning.bench.io import list_images, load_tensor, save_png
+
+    p = argparse.ArgumentParser(prog="python -m uae_lightning.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="an export directory or a run directory")
+    p.add_argument("--stage", default=None, help="with a run directory: which stage (default: the last finished)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("caption", help="print one JSON line {image, caption} per image")
+    c.add_argument("images", nargs="+", help="image files or folders")
+    g = sub.add_parser("generate", help="draw one image per text")
+    g.add_argument("texts", nargs="+")
+    g.add_argument("--out", required=True, help="output folder")
+    r = sub.add_parser("reconstruct", help="caption then redraw each image")
+    r.add_argument("images", nargs="+", help="image files or folders")
+    r.add_argument("--out", required=True, help="output folder")
+    e = sub.add_parser("export", help="write the Hugging Face export")
+    e.add_argument("out", help="export directory")
+    args = p.parse_args(argv)
+
+    pipe = load(args.model, args.stage)
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    if args.command == "export":
+        print(pipe.save_pretrained(args.out))
+        return
+    if args.command == "generate":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        images = pipe.generate(args.texts, [seed_for(t, args.seed) for t in args.texts], args.steps)
+        for i, (text, img) in enumerate(zip(args.texts, images)):
+            save_png(img, out / f"{i:04d}.png")
+            print(json.dumps({"text": text, "image": str(out / f"{i:04d}.png")}))
+        return
+    files = list_images(args.images)
+    for f in files:
+        img = load_tensor(f, pipe.resolution)
+        if img is None:
+            print(json.dumps({"image": str(f), "skipped": "unreadable"}))
+            continue
+        if args.command == "caption":
+            print(json.dumps({"image": str(f), "caption": pipe.caption(img[None])[0]}))
+        else:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            texts, recon = pipe.reconstruct(img[None], [seed_for(f.name, args.seed)], args.steps)
+            save_png(recon[0], out / f"{f.stem}.png")
+            print(json.dumps({"image": str(f), "caption": texts[0], "reconstruction": str(out / f"{f.stem}.png")}))
+
+
+if __name__ == "__main__":
+    main()

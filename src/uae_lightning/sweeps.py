@@ -1,0 +1,129 @@
+"""Turn a finished sweep into a table and a plot: read every run's TensorBoard events, keep each metric's final
+value, and write `sweep.md`, `sweep.csv` and `sweep.png` (one bar per run for the chosen metric).
+
+    python -m uae_lightning.sweeps runs/g4u_group_size                      # every final metric, default plot
+    python -m uae_lightning.sweeps runs/g4u_group_size --metric g4u/reward --out tables/
+
+A run is a folder with `.hydra/overrides.yaml` (what Hydra wrote for that job); its label is the overrides that
+differ between the runs of the sweep. Metrics are named `<stage>/<tag>`; when a tag was logged several times
+(e.g. the held-out reward before and after a stage) the last value counts.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+
+def final_scalars(tb_dir: Path) -> dict[str, float]:
+    """The last value of every scalar tag in a TensorBoard log directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = acc.Scalars(tag)
+        if events:
+            out[tag] = float(max(events, key=lambda e: (e.wall_time, e.step)).value)  # the latest one logged
+    return out
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One row per run: its overrides and the final value of every metric of every stage."""
+    rows = []
+    for cfg in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
+        run = cfg.parent.parent
+        overrides = yaml.safe_load(cfg.read_text()) or []
+        metrics: dict[str, float] = {}
+        for tb in sorted(run.glob("*/tensorboard")):
+            stage = tb.parent.name
+            metrics.update({f"{stage}/{k}": v for k, v in final_scalars(tb).items()})
+        summary = run / "summary.json"
+        if summary.is_file():
+            for stage, score in json.loads(summary.read_text()).get("unified_bench", {}).items():
+                metrics[f"{stage}/unified_bench"] = score
+        if metrics:
+            rows.append({"run": str(run.relative_to(sweep_dir)), "overrides": overrides, "metrics": metrics})
+    return rows
+
+
+def labels(rows: list[dict]) -> list[str]:
+    """Each run's label: the overrides that are not shared by every run."""
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
+    return [" ".join(o for o in r["overrides"] if o not in shared) or r["run"] for r in rows]
+
+
+def write_table(rows: list[dict], out: Path, metrics: list[str]) -> None:
+    names = labels(rows)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", *metrics])
+        for name, r in zip(names, rows):
+            w.writerow([name, *[r["metrics"].get(m, "") for m in metrics]])
+    lines = ["| run | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name, r in zip(names, rows):
+        cells = [f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[dict], out: Path, metric: str, width: int = 900, bar_h: int = 34) -> None:
+    """A horizontal bar chart of `metric` per run (PIL only; no plotting library needed)."""
+    names = labels(rows)
+    values = [r["metrics"].get(metric) for r in rows]
+    present = [v for v in values if v is not None]
+    if not present:
+        raise ValueError(f"no run logged {metric!r}")
+    font = ImageFont.load_default()
+    left, top = 16 + max(int(font.getlength(n)) for n in names), 40
+    img = Image.new("RGB", (width, top + bar_h * len(rows) + 20), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), metric, fill="black", font=font)
+    lo, hi = min(0.0, *present), max(0.0, *present)
+    span = (hi - lo) or 1.0
+    plot_w = width - left - 90
+    zero = left + int((0 - lo) / span * plot_w)
+    for i, (name, v) in enumerate(zip(names, values)):
+        y = top + i * bar_h
+        d.text((8, y + 10), name, fill="black", font=font)
+        if v is None:
+            d.text((left, y + 10), "n/a", fill="gray", font=font)
+            continue
+        x = left + int((v - lo) / span * plot_w)
+        d.rectangle([min(zero, x), y + 6, max(zero, x) + 1, y + bar_h - 6], fill=(70, 110, 190))
+        d.text((max(zero, x) + 6, y + 10), f"{v:.4f}", fill="black", font=font)
+    d.line([zero, top - 4, zero, top + bar_h * len(rows)], fill="black")
+    img.save(out / "sweep.png")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m uae_lightning.sweeps", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep_dir", type=Path, help="the sweep's folder (runs_dir/name)")
+    p.add_argument("--metric", default=None, help="metric to plot (default: the last stage's held-out reward)")
+    p.add_argument("--metrics", nargs="*", default=None, help="columns of the table (default: all final metrics)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
+    args = p.parse_args(argv)
+    rows = collect(args.sweep_dir)
+    if not rows:
+        raise SystemExit(f"no finished runs with TensorBoard events under {args.sweep_dir}")
+    out = args.out or args.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    all_metrics = sorted({m for r in rows for m in r["metrics"]})
+    metrics = args.metrics or [m for m in all_metrics if not m.split("/", 1)[1].startswith(("timestep_", "lr-"))]
+    metric = args.metric
+    if metric is None:
+        candidates = [m for m in all_metrics if m.endswith("/reward") or m.endswith("/unified_bench")]
+        metric = candidates[-1] if candidates else metrics[0]
+    write_table(rows, out, metrics)
+    write_plot(rows, out, metric)
+    print((out / "sweep.md").read_text() + f"\n{out / 'sweep.csv'}\n{out / 'sweep.png'} ({metric})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Unified-Bench and the inference pipeline on tiny toy models (random weights, a perturbed captioner LoRA)."""
+import json
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg, save_tiny_clip
+from uae_lightning.bench import run_bench, score_folders
+from uae_lightning.bench.__main__ import main as bench_main
+from uae_lightning.bench.io import save_png
+from uae_lightning.data import toy
+from uae_lightning.models.build import add_lora, build_connector, build_decoder, build_encoder
+from uae_lightning.models.weights import save_weights
+from uae_lightning.pipeline import UAEPipeline, main as pipeline_main
+
+TOY_BACKBONES = ["toy_pixels", "toy_regions", "toy_palette"]
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def toy_image(i: int) -> torch.Tensor:
+    return torch.from_numpy(toy.image_array(toy.make_scene(10_000, i, 3), 32).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refs")
+    for i in range(10):
+        save_png(toy_image(i), folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """Random toy models whose captioner has a non-zero LoRA adapter (so the export must carry it)."""
+    m = OmegaConf.to_container(compose_cfg().model, resolve=True)
+    torch.manual_seed(0)
+    enc, dec = build_encoder(m["encoder"], 32, "mask"), build_decoder(m["decoder"], 32, "mask")
+    conn = build_connector(m["connector"], enc, dec)
+    add_lora(enc.model, LORA)
+    with torch.no_grad():
+        for n, p in enc.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    weights = tmp_path_factory.mktemp("w") / "weights.safetensors"
+    save_weights(weights, enc, conn, dec, LORA)
+    return UAEPipeline.from_weights(weights, m, 32, num_steps=4, max_new_tokens=12)
+
+
+def test_identical_pairs_score_100_with_a_backbone_loaded_from_a_folder(references, tmp_path):
+    """score_folders on originals vs themselves: every cosine is 1, so every backbone and the overall are 100.
+    The CLIP backbone is a tiny model saved to a temp dir and named by its path, the code path of a hub id."""
+    save_tiny_clip(tmp_path / "clip")
+    copy = tmp_path / "copy"
+    shutil.copytree(references, copy)
+    (copy / "009.png").unlink()  # one original without reconstruction: skipped and counted
+    s = score_folders(references, copy, tmp_path / "out", TOY_BACKBONES + [str(tmp_path / "clip")], resolution=32,
+                      batch_size=4, progress=False)
+    assert s["images"] == 9 and s["skipped"] == {"missing_reconstruction": 1}
+    assert s["overall"] == pytest.approx(100.0, abs=1e-3)
+    assert all(v == pytest.approx(100.0, abs=1e-3) for v in s["backbones"].values())
+    assert (tmp_path / "out" / "results.md").read_text().count("|") > 10 and (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_different_images_score_below_100(references, tmp_path):
+    shifted = tmp_path / "shifted"
+    for i in range(10):
+        save_png(toy_image((i + 1) % 10), shifted / f"{i:03d}.png")
+    s = score_folders(references, shifted, tmp_path / "out", TOY_BACKBONES, resolution=32, progress=False)
+    assert s["overall"] < 90
+
+
+def test_bench_is_deterministic_and_an_interrupted_run_resumes_to_the_same_numbers(pipe, references, tmp_path, monkeypatch):
+    full = run_bench(pipe, references, tmp_path / "full", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    again = run_bench(pipe, references, tmp_path / "again", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    assert again["backbones"] == full["backbones"]  # same seed: bit-identical scores
+
+    calls = {"n": 0}
+    original = UAEPipeline.reconstruct
+
+    def crash_on_second_batch(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(UAEPipeline, "reconstruct", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(pipe, references, tmp_path / "resumed", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    assert len((tmp_path / "resumed" / "results.jsonl").read_text().splitlines()) == 4
+    with open(tmp_path / "resumed" / "results.jsonl", "a") as f:
+        f.write('{"image": "004.png", "capt')  # a line cut short by the kill
+    monkeypatch.setattr(UAEPipeline, "reconstruct", original)
+    resumed = run_bench(pipe, references, tmp_path / "resumed", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    assert resumed["backbones"] == full["backbones"] and resumed["images"] == 10
+    rows = [json.loads(l) for l in (tmp_path / "resumed" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == sorted(f"{i:03d}.png" for i in range(10))  # each image once
+
+    other_seed = run_bench(pipe, references, tmp_path / "seed4", TOY_BACKBONES, batch_size=4, seed=4, progress=False)
+    assert other_seed["overall"] != full["overall"]  # the seed does reach the noise
+
+
+def test_export_reloads_and_reproduces_caption_and_image(pipe, tmp_path):
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    images = torch.stack([toy_image(i) for i in range(3)])
+    texts, recon = pipe.reconstruct(images, seeds=[5, 6, 7])
+    with pipe.encoder.adapter_disabled():
+        base_texts = pipe.caption(images)
+    assert base_texts != texts  # the adapter matters, so the export must carry it
+    path = pipe.save_pretrained(tmp_path / "export")
+    loaded = UAEPipeline.from_pretrained(path)
+    texts2, recon2 = loaded.reconstruct(images, seeds=[5, 6, 7])
+    assert texts2 == texts
+    assert torch.equal(recon2, recon)
+    # The adapter is a standard peft adapter: PeftModel loads it onto the exported base model.
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "encoder")
+    peft_model = PeftModel.from_pretrained(base, path / "encoder_adapter")
+    ref = dict(loaded.encoder.model.named_parameters())
+    for n, p in peft_model.named_parameters():
+        if "lora_A" in n:
+            key = n.removeprefix("base_model.model.")
+            assert torch.equal(p, ref[key])
+
+
+def test_command_lines(pipe, references, tmp_path, capsys):
+    export = pipe.save_pretrained(tmp_path / "export")
+    pipeline_main(["--model", str(export), "caption", str(references / "000.png")])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["caption"] == pipe.caption(toy_image(0)[None])[0]
+    pipeline_main(["--model", str(export), "reconstruct", str(references / "001.png"), "--out", str(tmp_path / "rec")])
+    pipeline_main(["--model", str(export), "generate", "a red circle", "--out", str(tmp_path / "gen")])
+    assert (tmp_path / "rec" / "001.png").is_file() and (tmp_path / "gen" / "0000.png").is_file()
+    s = bench_main(["run", "--model", str(export), "--images", str(references), "--out", str(tmp_path / "b"),
+                    "--backbones", *TOY_BACKBONES, "--steps", "4"])
+    assert s["images"] == 10 and "overall" in capsys.readouterr().out

@@ -1,0 +1,146 @@
+"""Against a real single-node SLURM (slurm/local/start.sh; `.ci/run` starts it): the used-by command submits without
+-m, a 2-job sweep runs and becomes a table and a plot, and a stage signalled twice is requeued, resumes, and ends
+exactly like an uninterrupted run.
+
+Skipped when no cluster answers, unless UAE_REQUIRE_SLURM=1 (set by .ci/run), which turns the skip into a failure.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def _cluster_up() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _cluster_up():
+        if os.environ.get("UAE_REQUIRE_SLURM") == "1":
+            pytest.fail("UAE_REQUIRE_SLURM=1 but no SLURM cluster answers (bash slurm/local/start.sh; source its env)")
+        pytest.skip("no SLURM cluster (start one with: bash slurm/local/start.sh && source /tmp/uae-slurm/env)")
+
+
+# Tiny stages: every stage runs its real code for a few steps. One thread per process, so a job under SLURM and a
+# local run compute exactly the same numbers.
+TINY = ["data.train_size=64", "data.val_size=8", "data.batch_size=8", "data.eval_batch_size=8",
+        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
+        "callbacks.preview_every_n_steps=1000", "bench.batch_size=8"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # sbatch passes the environment on to the job
+
+
+def run_dir(root: Path) -> Path:
+    """The single run directory under a runs root (its name comes from the overrides)."""
+    found = [p.parent for p in root.rglob(".hydra")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def uae(args, timeout=900, **kw):
+    return subprocess.run([sys.executable, "-m", "uae_lightning", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, **kw)
+
+
+def test_used_by_command_submits_without_multirun_flag(tmp_path):
+    steps = [f"stages.{s}.trainer.max_steps=2" for s in ("pretrain", "captioner", "cold_start", "g4u", "u4g")]
+    out = uae(["+experiment=toy_u4g", "hydra/launcher=submitit_slurm", f"paths.runs_dir={tmp_path}", *TINY, *steps,
+               "stages.g4u.module.group_size=2", "stages.u4g.module.group_size=2", "stages.g4u.data.batch_size=2",
+               "stages.u4g.data.batch_size=2", "stages.u4g.module.num_steps=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = list((tmp_path / "toy_u4g" / ".submitit").iterdir())
+    assert len(jobs) == 1  # one SLURM job (an array of one) ran the whole toy pipeline
+    summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    assert set(summary["unified_bench"]) == {"pretrain", "captioner", "cold_start", "g4u", "u4g"}
+    assert "reward_after" in summary["stages"]["u4g"]
+    log = "".join(p.read_text() for p in jobs[0].glob("*_log.out"))
+    assert "=== stage 5/5: u4g ===" in "".join(p.read_text() for p in jobs[0].glob("*_log.err")) + log
+
+
+def test_two_job_sweep_and_the_sweep_table(tmp_path):
+    out = uae(["-m", "+experiment=toy_pretrain", "hydra/launcher=submitit_slurm", f"paths.runs_dir={tmp_path}", *TINY,
+               "stages.pretrain.trainer.max_steps=3", "stages.pretrain.module.lr=1e-3,3e-3"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "toy_pretrain"
+    runs = sorted(p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml"))
+    assert len(runs) == 2 and all((r / "summary.json").is_file() for r in runs)
+    from uae_lightning.sweeps import main as sweeps_main
+
+    rows = sweeps_main([str(sweep), "--metric", "pretrain/similarity_complete_caption"])
+    assert len(rows) == 2
+    table = (sweep / "sweep.md").read_text()
+    assert "stages.pretrain.module.lr=0.001" in table and "stages.pretrain.module.lr=0.003" in table
+    assert "pretrain/similarity_complete_caption" in table.splitlines()[0]
+    csv_rows = (sweep / "sweep.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 3
+    from PIL import Image
+
+    assert Image.open(sweep / "sweep.png").size[0] > 100
+
+
+def _squeue() -> list[tuple[str, str]]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True)
+    return [tuple(line.split()) for line in out.stdout.strip().splitlines() if line.strip()]
+
+
+def _wait(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _ckpt_step(path: Path) -> int:
+    if not path.is_file():
+        return -1
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    except Exception:  # being written
+        return -1
+
+
+def test_signalled_twice_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    """pretrain, 300 steps over 9.4 epochs of 32 batches; signals after steps >= 30 and >= 150 land mid-epoch."""
+    args = ["+experiment=toy_pretrain", *TINY, "data.train_size=256", "stages.pretrain.trainer.max_steps=300",
+            "trainer.checkpoint_every_n_steps=10"]
+    ref = uae([*args, f"paths.runs_dir={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "uae_lightning", *args, "hydra/launcher=submitit_slurm",
+                             f"paths.runs_dir={tmp_path / 'slurm'}"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ckpt = None
+        for threshold in (30, 150):
+            job, _ = _wait(lambda: [j for j in _squeue() if j[1] == "RUNNING"], 180, "the job to run")[0]
+            if ckpt is None:
+                ckpt = _wait(lambda: list((tmp_path / "slurm").rglob("pretrain/checkpoints")), 120, "the run")[0] / "last.ckpt"
+            _wait(lambda: _ckpt_step(ckpt) >= threshold, 300, f"step {threshold}")
+            subprocess.run(["scancel", "--signal=USR1", job], check=True)
+            # requeued: held back by SLURM's BeginTime; release it now
+            _wait(lambda: any(j == job and s == "PENDING" for j, s in _squeue()), 120, "the requeue")
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    log = "".join(p.read_text() for p in (tmp_path / "slurm" / "toy_pretrain" / ".submitit").rglob("*_log.*"))
+    assert log.count("requeued SLURM job") == 2 and log.count("resuming from") == 2
+    done = json.loads((run_dir(tmp_path / "slurm") / "pretrain" / "done.json").read_text())
+    ref_done = json.loads((run_dir(tmp_path / "ref") / "pretrain" / "done.json").read_text())
+    assert done["global_step"] == ref_done["global_step"] == 300
+    assert done["metrics"] == ref_done["metrics"]  # bit-identical on CPU with fixed seeds
