@@ -30,9 +30,9 @@ from uae_lightning.bench.core import run_bench
 from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks.images import ImagePreview
 from uae_lightning.callbacks.preemption import Preemption, slurm_job_id
-from uae_lightning.config import validate
+from uae_lightning.config import ConfigError, validate
 from uae_lightning.pipeline import UAEPipeline
-from uae_lightning.slurm import check_allocation, register_resolvers
+from uae_lightning.slurm import check_allocation, register_resolvers, slurm_nodes, slurm_tasks
 from uae_lightning.rewards.callback import RewardCallback
 
 log = logging.getLogger("uae_lightning")
@@ -56,6 +56,23 @@ def _merged(base: DictConfig, delta) -> DictConfig:
     return OmegaConf.merge(OmegaConf.to_container(base, resolve=True), extra)
 
 
+def build_strategy(cfg: DictConfig):
+    """conf/strategy/: "auto" (Lightning's choice) or "fsdp2" (ModelParallelStrategy + fully_shard)."""
+    s = cfg.strategy
+    if s.name == "auto":
+        return "auto"
+    if s.name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        dp = s.data_parallel_size
+        if dp == "auto":  # every process shards data (Lightning's own "auto" would mean one group per node)
+            dp = slurm_tasks(cfg.trainer.devices) * slurm_nodes(cfg.trainer.num_nodes) // s.tensor_parallel_size
+        return ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=s.tensor_parallel_size,
+                                     save_distributed_checkpoint=s.save_distributed_checkpoint,
+                                     process_group_backend=s.process_group_backend)
+    raise ConfigError(f"strategy.name={s.name!r}; expected 'auto' or 'fsdp2'")
+
+
 def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(_merged(cfg.trainer, cfg.stages[name].trainer))
     every = trainer_cfg.pop("checkpoint_every_n_steps")
@@ -75,7 +92,7 @@ def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
         loggers.append(TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version="", default_hp_metric=False))
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers or False, plugins=plugins,
-                     **trainer_cfg)
+                     strategy=build_strategy(cfg), **trainer_cfg)
 
 
 def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from: str | None) -> dict:
@@ -110,8 +127,8 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
         before = json.loads(before_file.read_text())
         metrics = {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in metrics.items()}}
     weights = stage_dir / "weights.safetensors"
+    module.save_weights(weights)  # every rank (a sharded model is gathered first); rank 0 writes
     if trainer.is_global_zero:
-        module.save_weights(weights)
         shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
         result = {"metrics": metrics, "weights": str(weights), "global_step": trainer.global_step,
                   "data": dict(module.data_counts)}

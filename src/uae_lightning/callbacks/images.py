@@ -29,13 +29,16 @@ class ImagePreview(L.Callback):
     def log_preview(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         batch = self._fixed_batch(trainer)
-        if not loggers or batch is None or not trainer.is_global_zero:
+        if not loggers or batch is None:
             return
+        # Every rank computes the preview (with sharded models, drawing is a collective); rank 0 logs it.
         batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         was_training = pl_module.training
         pl_module.eval()
         out = pl_module.preview(batch)
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         originals = batch["images"]
         recon = out["reconstructions"]  # [N,3,H,W] or [N,G,3,H,W]
         if recon.dim() == 4:

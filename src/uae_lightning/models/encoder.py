@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+from uae_lightning.models.fsdp import gathered
+
 CONDITIONING_MODES = ("text", "in_context")
 PADDING_MODES = ("mask", "pad")
 
@@ -90,19 +92,20 @@ class Encoder(nn.Module):
         """Sample (or greedily decode) captions with the KV cache; returns ids, masks and texts."""
         inputs = self.caption_inputs(images)
         tok = self.tokenizer
-        out = self.model.generate(
-            **inputs,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_k=0 if do_sample else None,
-            top_p=1.0 if do_sample else None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences,
-            suppress_tokens=self.suppressed_ids,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            use_cache=True,
-        )
+        with gathered(self.model):  # under FSDP: one all-gather per unit, not one per generated token
+            out = self.model.generate(
+                **inputs,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_k=0 if do_sample else None,
+                top_p=1.0 if do_sample else None,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                suppress_tokens=self.suppressed_ids,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                use_cache=True,
+            )
         prompt_len = inputs["input_ids"].shape[1]
         completion = out[:, prompt_len:]
         is_eos = completion == tok.eos_token_id
@@ -167,7 +170,8 @@ class Encoder(nn.Module):
             max_length=self.max_condition_tokens,
             padding_side="right",
         ).to(self.model.device)
-        hidden = self.model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        with gathered(self.model):  # the inner model is called directly: its root parameters must be gathered
+            hidden = self.model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
         mask = enc.attention_mask.bool()
         if pad_to_max:  # the official release lets the decoder attend the pad tokens
             mask = torch.ones_like(mask)
@@ -183,6 +187,7 @@ class Encoder(nn.Module):
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         if "mm_token_type_ids" in extra:
             extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(cap.input_ids)], 1)
-        hidden = self.model.model(input_ids=ids, attention_mask=att, **extra).last_hidden_state
+        with gathered(self.model):
+            hidden = self.model.model(input_ids=ids, attention_mask=att, **extra).last_hidden_state
         n = cap.input_ids.shape[1]
         return hidden[:, -n:], cap.attention_mask.bool()

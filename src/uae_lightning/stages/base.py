@@ -16,6 +16,7 @@ import torch
 
 from uae_lightning.data import toy
 from uae_lightning.models.build import add_lora, build_connector, build_decoder, build_encoder
+from uae_lightning.models.fsdp import full_state_dict, is_sharded, shard_autoencoder
 from uae_lightning.models.weights import load_weights, save_weights
 from uae_lightning.pipeline import redraw
 from uae_lightning.rewards.callback import RewardCallback
@@ -61,6 +62,8 @@ class UAEStage(L.LightningModule):
         self.connector.requires_grad_(False)
         self.decoder.requires_grad_(False)
         self.configure_trainable()
+        if self.device_mesh is not None:  # ModelParallelStrategy (conf/strategy/fsdp2.yaml): FSDP2 over data parallel
+            shard_autoencoder(self.encoder, self.connector, self.decoder, self.device_mesh["data_parallel"])
 
     def configure_trainable(self) -> None:
         """Unfreeze what this stage trains (everything starts frozen)."""
@@ -87,8 +90,26 @@ class UAEStage(L.LightningModule):
             transformer.enable_gradient_checkpointing()
 
     def save_weights(self, path: str | Path) -> None:
-        """The stage's result, what the next stage (or an export) starts from (format: models/weights.py)."""
-        save_weights(path, self.encoder, self.connector, self.decoder, self.encoder_lora)
+        """The stage's result, what the next stage (or an export) starts from (format: models/weights.py). Every
+        rank must call it: sharded (FSDP) models are first gathered into full, unsharded copies; rank 0 writes."""
+        if not any(is_sharded(m) for m in (self.encoder, self.connector, self.decoder)):
+            if self.global_rank == 0:
+                save_weights(path, self.encoder, self.connector, self.decoder, self.encoder_lora)
+            return
+        full = {name: full_state_dict(getattr(self, name)) for name in ("encoder", "connector", "decoder")}
+        if self.global_rank != 0:
+            return
+        cfg, padding = self.model_cfg, self.model_cfg["condition_padding"]
+        encoder = build_encoder(cfg["encoder"], self.resolution, padding)
+        decoder = build_decoder(cfg["decoder"], self.resolution, padding)
+        connector = build_connector(cfg["connector"], encoder, decoder)
+        if self.encoder_lora is not None:
+            add_lora(encoder.model, self.encoder_lora)
+        if any("lora_" in k for k in full["decoder"]):
+            add_lora(decoder.transformer, self.hparams.lora)
+        for name, module in (("encoder", encoder), ("connector", connector), ("decoder", decoder)):
+            module.load_state_dict(full[name])
+        save_weights(path, encoder, connector, decoder, self.encoder_lora)
 
     def load_weights(self, path: str | Path) -> None:
         self.encoder_lora = load_weights(path, self.encoder, self.connector, self.decoder)

@@ -1,0 +1,77 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the three models, applied in `UAEStage.configure_model` when the
+trainer's strategy is Lightning's ModelParallelStrategy (conf/strategy/fsdp2.yaml).
+
+Units: every transformer block is its own unit (DiT blocks, the LVLM's decoder layers and vision blocks), so a
+frozen block and a trained block never share one; the rest of each model (embeddings, final norms, heads, the
+connector) is its root unit. The VAE stays replicated: it is small, frozen, and used through `encode`/`decode`,
+which FSDP's forward hooks do not see.
+
+Generation reads every weight once per token, so `gathered(model)` keeps a model unsharded for the whole call:
+one all-gather per unit for a caption, not one per token.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _fsdp():
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    return FSDPModule, fully_shard
+
+
+def is_sharded(module: nn.Module) -> bool:
+    FSDPModule, _ = _fsdp()
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def shard_model(root: nn.Module, blocks: list[nn.Module], mesh) -> None:
+    """fully_shard each block, then the root (which keeps everything not inside a block)."""
+    _, fully_shard = _fsdp()
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+def shard_autoencoder(encoder, connector: nn.Module, decoder, mesh) -> None:
+    lm = encoder.model.model
+    shard_model(encoder.model, [*lm.language_model.layers, *lm.visual.blocks], mesh)
+    shard_model(decoder.transformer, list(decoder.transformer.transformer_blocks), mesh)
+    _, fully_shard = _fsdp()
+    fully_shard(connector, mesh=mesh)
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """All of `module`'s FSDP units unsharded until the block ends (a no-op for an unsharded module)."""
+    FSDPModule, _ = _fsdp()
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    if isinstance(module, FSDPModule):
+        # FSDP picks its root at the first forward; callers may next run an inner unit directly (the LVLM's text
+        # model for conditioning), which would otherwise claim the root role. No public API for this in torch 2.14.
+        module._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP's default: the root keeps its (small) parameters after forward, every block reshards.
+            unit.set_reshard_after_forward(unit is not module, recurse=False)
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU, gathered from all ranks (a collective: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

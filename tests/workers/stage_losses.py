@@ -1,0 +1,49 @@
+"""Run one toy stage through the real CLI code path and record, per rank, the loss the trainer reports each step.
+
+    python tests/workers/stage_losses.py OUT_DIR [hydra overrides...]
+
+Lightning re-launches this script for ranks > 0 (strategy fsdp2, trainer.devices=N); each rank writes
+OUT_DIR/losses_rank<r>.json.
+"""
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import compose_cfg  # noqa: E402
+
+import uae_lightning.cli as cli  # noqa: E402
+
+
+class RecordLoss(L.Callback):
+    def __init__(self, out: Path):
+        self.out, self.losses = out, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        path = self.out / f"losses_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"losses": self.losses, "world_size": trainer.world_size}))
+
+
+def main() -> None:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    build = cli.build_trainer
+
+    def build_with_recorder(cfg, name, stage_dir):
+        trainer = build(cfg, name, stage_dir)
+        trainer.callbacks.append(RecordLoss(out))
+        return trainer
+
+    cli.build_trainer = build_with_recorder
+    cli.run_pipeline(compose_cfg(overrides), out / "run")
+
+
+if __name__ == "__main__":
+    main()
