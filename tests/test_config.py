@@ -84,3 +84,41 @@ def test_run_names_are_deterministic_and_bounded():
     long = ",".join(f"stages.pretrain.module.k{i}=v{i}" for i in range(20))
     assert run_name(long) == run_name(long) and len(run_name(long)) <= 96
     assert run_name(long) != run_name(long + "x")
+
+
+def _with_hydra(overrides):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="uae_lightning.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_slurm_launcher_submits_without_m_and_follows_the_trainer():
+    from hydra.types import RunMode
+
+    assert _with_hydra([]).hydra.mode is None  # plain runs: -m decides, as usual
+    cfg = _with_hydra(["hydra/launcher=submitit_slurm", "trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2"])
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.max_num_timeout == 0 and launcher.additional_parameters.signal == "USR1@90"
+    cpu = _with_hydra(["hydra/launcher=submitit_slurm", "trainer.devices=2"]).hydra.launcher
+    assert (cpu.tasks_per_node, cpu.gpus_per_node) == (2, 0)  # accelerator auto requests no GPU
+    bad = _with_hydra(["hydra/launcher=submitit_slurm", "trainer.devices=auto"])
+    with pytest.raises(Exception, match="trainer.devices='auto'.*must be explicit"):
+        bad.hydra.launcher.tasks_per_node
+
+
+def test_job_whose_allocation_disagrees_with_the_trainer_stops(monkeypatch):
+    from uae_lightning.slurm import check_allocation
+
+    cfg = compose_cfg(["trainer.devices=2"])
+    monkeypatch.setenv("SLURM_JOB_NAME", "uae")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    check_allocation(cfg)  # 1 node x 2 tasks: as the trainer expects
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(ConfigError, match="SLURM started 4 task"):
+        check_allocation(cfg)

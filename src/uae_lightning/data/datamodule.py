@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -116,6 +117,11 @@ def collate(samples: list[dict]) -> dict:
         for key in ("caption", "short_caption", "scene"):
             batch[key] = [s[key] for s in good]
     return batch
+
+
+# Lightning warns on every mid-epoch resume unless the DataLoader object itself is stateful; here the DataModule's
+# state_dict carries the position and ResumableSampler skips what was trained (tested to match an uninterrupted run).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class ResumableSampler(Sampler[int]):
