@@ -119,7 +119,8 @@ def test_u4g_first_inner_update_is_on_policy_at_every_trained_step(tmp_path, mon
     from uae_lightning.stages.u4g import U4G
 
     seen = record_first_update_ratio(monkeypatch, U4G)
-    cfg = compose_cfg([*U4G_FAST, "stages.u4g.trainer.max_steps=2", "stages.u4g.module.kl_beta=0.04"])
+    cfg = compose_cfg([*U4G_FAST, "stages.u4g.trainer.max_steps=2", "stages.u4g.module.kl_beta=0.04",
+                       "stages.u4g.module.train_window=null"])
     summary = run_pipeline(cfg, tmp_path)["stages"]["u4g"]
     assert len(seen) == 2 and max(seen) < 1e-5
     assert set(summary) == {"reward_before", "reward_after"}
@@ -141,6 +142,7 @@ def test_u4g_trained_steps_fraction_and_window():
 
     kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module).items() if k != "_target_"}
     make = lambda **o: U4G(model=OmegaConf.to_container(cfg.model), resolution=32, **{**kw, **o})  # noqa: E731
-    assert make(num_steps=10, train_fraction=0.99).trained_steps() == list(range(9))
-    assert make(num_steps=10, train_fraction=0.5).trained_steps() == list(range(5))
+    assert make(num_steps=10, train_fraction=0.99, train_window=None).trained_steps() == list(range(9))
+    assert make(num_steps=10, train_fraction=0.5, train_window=None).trained_steps() == list(range(5))
     assert make(num_steps=10, train_window=(2, 5)).trained_steps() == [2, 3, 4]
+    assert make(num_steps=3, train_window=(0, 4)).trained_steps() == [0, 1, 2]  # stop capped at num_steps

@@ -97,8 +97,8 @@ def validate(cfg: DictConfig) -> None:
             _check(0 < mod.train_fraction <= 1, f"{key}.train_fraction", mod.train_fraction, "a fraction in (0, 1]")
         if mod.get("train_window") is not None:
             w = list(mod.train_window)
-            _check(len(w) == 2 and 0 <= w[0] < w[1] <= mod.num_steps, f"{key}.train_window", w,
-                   f"[start, stop) with 0 <= start < stop <= num_steps={mod.num_steps}")
+            _check(len(w) == 2 and 0 <= w[0] < min(w[1], mod.num_steps), f"{key}.train_window", w,
+                   f"[start, stop) with 0 <= start < stop and start < num_steps={mod.num_steps} (stop is capped at num_steps)")
         if "adv_clip" in mod:
             _positive(mod.adv_clip, f"{key}.adv_clip")
         if "grad_last_steps" in mod:
