@@ -74,6 +74,20 @@ def run(stage: L.LightningModule, images: torch.Tensor, steps: int, device: str,
     trainer.fit(stage, train_dataloaders=DataLoader(SameBatch(batch, steps), batch_size=None))
 
 
+def build(cls, name: str, overrides: list[str], toy: bool, resolution: int, group: int, max_new_tokens: int, device: str):
+    """A stage with the paper experiment's hyper-parameters (the toy ones with --toy), its rollout and training
+    step timed."""
+    paper = [f"+experiment={name}", "init_from=null", "data.manifest=unused"]
+    cfg = default_config([*overrides, *([] if toy else paper)])
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages[name].module, resolve=True).items() if k != "_target_"}
+    kw.update(group_size=group, max_new_tokens=max_new_tokens, num_iterations=1)
+    stage = cls(model=OmegaConf.to_container(cfg.model, resolve=True), resolution=resolution, **kw)
+    timer = PhaseTimer(device)
+    timer.wrap(stage, "rollout", "rollout")
+    timer.wrap(stage, "training_step", "step")
+    return stage, kw, timer
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="toy models on CPU (checks the script, not the GPU)")
@@ -97,14 +111,7 @@ def main() -> None:
     rows = []
 
     # ---- G4U: the captioner is the policy ------------------------------------------------------------------------
-    cfg = default_config([*overrides, *([] if args.toy else ["+experiment=g4u", "init_from=null", "data.manifest=unused"])])
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.g4u.module, resolve=True).items() if k != "_target_"}
-    kw.update(group_size=args.g4u_group, max_new_tokens=args.max_new_tokens, num_iterations=1)
-    stage = G4U(model=model, resolution=resolution, **kw)
-    timer = PhaseTimer(device)
-    timer.wrap(stage, "rollout", "rollout")
-    timer.wrap(stage, "training_step", "step")
+    stage, kw, timer = build(G4U, "g4u", overrides, args.toy, resolution, args.g4u_group, args.max_new_tokens, device)
     images = torch.rand(args.g4u_images, 3, resolution, resolution)
     captions = {"tokens": []}
     original_caption = None
@@ -152,13 +159,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # ---- U4G: the DiT is the policy ----------------------------------------------------------------------------
-    cfg = default_config([*overrides, *([] if args.toy else ["+experiment=u4g", "init_from=null", "data.manifest=unused"])])
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module, resolve=True).items() if k != "_target_"}
-    kw.update(group_size=args.u4g_group, max_new_tokens=args.max_new_tokens, num_iterations=1)
-    stage = U4G(model=model, resolution=resolution, **kw)
-    timer = PhaseTimer(device)
-    timer.wrap(stage, "rollout", "rollout")
-    timer.wrap(stage, "training_step", "step")
+    stage, kw, timer = build(U4G, "u4g", overrides, args.toy, resolution, args.u4g_group, args.max_new_tokens, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run(stage, torch.rand(args.u4g_images, 3, resolution, resolution), args.steps, device, precision)

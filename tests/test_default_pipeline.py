@@ -40,11 +40,12 @@ def test_g4u_makes_captions_more_informative_and_reconstructions_closer(summary)
 
 
 def test_u4g_makes_reconstructions_closer_again(summary):
-    """U4G (the decoder as the policy) raises the held-out reward by >= 0.008. Measured +0.017 on this machine; the
-    per-image paired differences of that run have a standard error of 0.004, so the margin sits about two standard
-    errors below the effect and two above zero."""
+    """U4G (the decoder as the policy) raises the held-out reward by >= 0.005. Measured +0.012 on this machine, with
+    a standard error of about 0.005 for the mean of the 128 paired per-image differences (from the Unified-Bench
+    scores of the same images before and after): the margin is one standard error above zero, and the effect
+    clears it by 1.4 standard errors. (Run-to-run noise on CPU with fixed seeds is zero.)"""
     m = summary["stages"]["u4g"]
-    assert m["reward_after"] > m["reward_before"] + 0.008
+    assert m["reward_after"] > m["reward_before"] + 0.005
 
 
 def test_unified_bench_after_every_stage_and_rl_beats_pretraining(summary):
