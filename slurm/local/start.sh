@@ -28,9 +28,11 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
   fi
   chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge
-  runuser -u munge -- /usr/sbin/munged --pid-file="$BASE/run/munged.pid"
+  mkdir -p "$BASE/munge" && chown munge:munge "$BASE/munge"   # munged runs as munge: it writes its pid file here
+  runuser -u munge -- /usr/sbin/munged --pid-file="$BASE/munge/munged.pid"
   for _ in $(seq 50); do munge -n </dev/null >/dev/null 2>&1 && break; sleep 0.1; done
-  echo "munged $BASE/run/munged.pid" >> "$BASE/started"
+  [ -f "$BASE/munge/munged.pid" ] || { echo "[slurm] munged did not start" >&2; exit 1; }
+  echo "munged $BASE/munge/munged.pid" >> "$BASE/started"
 fi
 
 CPUS="$(nproc)"
