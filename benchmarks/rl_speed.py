@@ -125,7 +125,7 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for steps in (4, 8, 16):
         kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module).items() if k != "_target_"}
-        kw.update(group_size=args.group, num_steps=steps, micro_batch_size=n)
+        kw.update(group_size=args.group, num_steps=steps, micro_batch_size=n, train_window=None)  # all but the last step
         u4g = U4G(model=model, resolution=32, **kw)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
