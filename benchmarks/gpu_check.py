@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from common import SameBatch, default_config
+from uae_lightning.models.encoder import Encoder
 from uae_lightning.rewards.callback import RewardCallback
 from uae_lightning.stages.g4u import G4U
 from uae_lightning.stages.u4g import U4G
@@ -43,7 +44,8 @@ class PhaseTimer:
     def __init__(self, device: str):
         self.device, self.times = device, {}
 
-    def wrap(self, obj, name: str, label: str) -> None:
+    def wrap(self, obj, name: str, label: str, on_result=None):
+        """Time `obj.name` (an instance, or a class: then every instance); returns a function that undoes it."""
         fn = getattr(obj, name)
 
         def timed(*a, **k):
@@ -52,9 +54,12 @@ class PhaseTimer:
             out = fn(*a, **k)
             sync(self.device)
             self.times.setdefault(label, []).append(time.perf_counter() - t0)
+            if on_result is not None:
+                on_result(out)
             return out
 
         setattr(obj, name, timed)
+        return lambda: setattr(obj, name, fn)
 
     def best(self, label: str) -> float:
         v = self.times[label]
@@ -113,41 +118,19 @@ def main() -> None:
     # ---- G4U: the captioner is the policy ------------------------------------------------------------------------
     stage, kw, timer = build(G4U, "g4u", overrides, args.toy, resolution, args.g4u_group, args.max_new_tokens, device)
     images = torch.rand(args.g4u_images, 3, resolution, resolution)
-    captions = {"tokens": []}
-    original_caption = None
-
-    def setup_hook():
-        nonlocal original_caption
-        enc = stage.encoder
-        original_caption = enc.caption
-
-        def caption(*a, **k):
-            sync(device)
-            t0 = time.perf_counter()
-            out = original_caption(*a, **k)
-            sync(device)
-            timer.times.setdefault("caption", []).append(time.perf_counter() - t0)
-            captions["tokens"].append(int(out.completion_mask.sum()))
-            return out
-
-        enc.caption = caption
-        timer.wrap(stage, "redraw", "redraw")
-
-    configure = stage.configure_model
-
-    def configure_model():
-        configure()
-        if original_caption is None:
-            setup_hook()
-
-    stage.configure_model = configure_model
+    tokens: list[int] = []  # the encoder is built inside the trainer, so its class method is timed
+    undo = timer.wrap(Encoder, "caption", "caption", on_result=lambda out: tokens.append(int(out.completion_mask.sum())))
+    timer.wrap(stage, "redraw", "redraw")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run(stage, images, args.steps, device, precision)
+    try:
+        run(stage, images, args.steps, device, precision)
+    finally:
+        undo()
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "n/a (CPU)"
     n = args.g4u_images * args.g4u_group
     t_cap = timer.best("caption")
-    tokens = captions["tokens"][-1]
+    tokens = tokens[-1]
     rows += [
         ("G4U caption rollout", f"{n} captions", f"{t_cap:.2f} s", f"{tokens / t_cap:.0f} tokens/s, {n / t_cap:.1f} captions/s", ANCHORS["caption"]),
         ("G4U redraw", f"{n} images, {kw['decode_steps']} steps", f"{timer.best('redraw'):.2f} s", f"{n / timer.best('redraw'):.2f} img/s", ANCHORS["redraw"]),

@@ -30,9 +30,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from uae_lightning.models.build import (
-    base_state_dict, build_connector, build_decoder, build_encoder, has_adapter, lora_config,
-)
+from uae_lightning.models.build import base_state_dict, build_autoencoder, has_adapter, lora_config
 from uae_lightning.models.weights import load_weights
 
 EXPORT_FILE = "uae_pipeline.json"
@@ -78,10 +76,7 @@ class UAEPipeline(nn.Module):
     @classmethod
     def from_weights(cls, weights: str | Path, model_cfg: dict, resolution: int, **kwargs) -> "UAEPipeline":
         """Build the models of `model_cfg` (the run's `model:` config) and load a stage's weights.safetensors."""
-        padding = model_cfg["condition_padding"]
-        encoder = build_encoder(model_cfg["encoder"], resolution, padding)
-        decoder = build_decoder(model_cfg["decoder"], resolution, padding)
-        connector = build_connector(model_cfg["connector"], encoder, decoder)
+        encoder, connector, decoder = build_autoencoder(model_cfg, resolution)
         lora = load_weights(weights, encoder, connector, decoder)
         return cls(encoder, connector, decoder, resolution, model_cfg, encoder_lora=lora, **kwargs)
 
@@ -117,11 +112,7 @@ class UAEPipeline(nn.Module):
         cfg["encoder"]["pretrained"] = str(path / "encoder")
         cfg["decoder"]["pretrained"] = str(path / "decoder")
         cfg["decoder"]["pooled"] = str(path / "decoder" / "pooled.pt")
-        padding = cfg["condition_padding"]
-        encoder = build_encoder(cfg["encoder"], meta["resolution"], padding)
-        decoder = build_decoder(cfg["decoder"], meta["resolution"], padding)
-        conn_cfg = json.loads((path / "connector" / "config.json").read_text())
-        connector = build_connector({"hidden_multiplier": conn_cfg["hidden_multiplier"]}, encoder, decoder)
+        encoder, connector, decoder = build_autoencoder(cfg, meta["resolution"])
         connector.load_state_dict(load_file(str(path / "connector" / "model.safetensors")))
         lora = None
         adapter_dir = path / "encoder_adapter"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from uae_lightning.bench.io import list_images, load_tensor, save_grid, save_png, to_uint8
+from uae_lightning.bench.io import IMAGE_SUFFIXES, list_images, load_tensor, save_grid, save_png, to_uint8
 from uae_lightning.rewards.backbones import PAPER_BACKBONES, Similarity
 
 log = logging.getLogger("uae_lightning.bench")
@@ -105,11 +105,17 @@ def summarise(rows: list[dict], backbones: list[str], skipped: Counter, out: Pat
     return summary
 
 
-def _write_grid(out: Path, pairs: list[tuple[Path, Path]], resolution: int, n: int = 8) -> None:
-    loaded = [(load_tensor(a, resolution), load_tensor(b, resolution)) for a, b in pairs[:n]]
+def _finish(results: Results, backbones: list[str], skipped: Counter, out: Path, meta: dict, originals: Path,
+            recon_root: Path, resolution: int, grid_images: int = 8) -> dict:
+    """Summary of every finished image (old and new), and the grid of the first ones."""
+    rows = [results.rows[k] for k in sorted(results.rows)]
+    summary = summarise(rows, backbones, skipped, out, meta)
+    loaded = [(load_tensor(originals / r["image"], resolution), load_tensor(recon_root / r["reconstruction"], resolution))
+              for r in rows[:grid_images]]
     loaded = [(a, b) for a, b in loaded if a is not None and b is not None]
     if loaded:
         save_grid([[a for a, _ in loaded], [b for _, b in loaded]], out / "grid.png")
+    return summary
 
 
 def _batches(items: list, size: int):
@@ -128,7 +134,7 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     scorer = Scorer(backbones, pipe.device)
     files = list_images(root)
     if not files:
-        raise FileNotFoundError(f"no images in {root} (looked for {', '.join(('png', 'jpg', 'jpeg', 'webp'))}, ...)")
+        raise FileNotFoundError(f"no images in {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
     results = Results(out)
     skipped: Counter = Counter()
     todo = [f for f in files if str(f.relative_to(root)) not in results.rows]
@@ -155,11 +161,8 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
                              "scores": {b: scores[b][i] for b in backbones}})
         bar.update(len(batch))
     bar.close()
-    rows = [results.rows[k] for k in sorted(results.rows)]
     meta = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution}
-    summary = summarise(rows, backbones, skipped, out, meta)
-    _write_grid(out, [(root / r["image"], out / r["reconstruction"]) for r in rows], pipe.resolution)
-    return summary
+    return _finish(results, backbones, skipped, out, meta, root, out, pipe.resolution)
 
 
 def score_folders(originals: str | Path, reconstructions: str | Path, out: str | Path,
@@ -194,12 +197,10 @@ def score_folders(originals: str | Path, reconstructions: str | Path, out: str |
             continue
         scores = scorer(torch.stack([x[1] for x in ok]), torch.stack([x[2] for x in ok]))
         for i, (name, _, _, rec) in enumerate(ok):
-            results.add({"image": name, "caption": None, "reconstruction": str(rec),
+            results.add({"image": name, "caption": None, "reconstruction": str(rec.relative_to(rec_root)),
                          "scores": {b: scores[b][i] for b in backbones}})
-    rows = [results.rows[k] for k in sorted(results.rows)]
-    summary = summarise(rows, backbones, skipped, out, {"mode": "score", "resolution": resolution})
-    _write_grid(out, [(root / r["image"], Path(r["reconstruction"])) for r in rows], resolution)
-    return summary
+    return _finish(results, backbones, skipped, out, {"mode": "score", "resolution": resolution}, root, rec_root,
+                   resolution)
 
 
 def format_summary(summary: dict) -> str:

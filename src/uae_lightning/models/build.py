@@ -161,6 +161,14 @@ def build_connector(cfg: dict, encoder: Encoder, decoder: Decoder) -> Connector:
     return Connector(encoder.hidden_size, decoder.joint_attention_dim, cfg["hidden_multiplier"])
 
 
+def build_autoencoder(cfg: dict, resolution: int) -> tuple[Encoder, Connector, Decoder]:
+    """The three models of a `model:` config (random init unless `pretrained` paths are set)."""
+    padding = cfg["condition_padding"]
+    encoder = build_encoder(cfg["encoder"], resolution, padding)
+    decoder = build_decoder(cfg["decoder"], resolution, padding)
+    return encoder, build_connector(cfg["connector"], encoder, decoder), decoder
+
+
 def lora_config(cfg: dict) -> LoraConfig:
     return LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=cfg.get("dropout", 0.0),
                       target_modules=cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"]))

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from uae_lightning.data import toy
-from uae_lightning.models.build import add_lora, build_connector, build_decoder, build_encoder
+from uae_lightning.models.build import add_lora, build_autoencoder
 from uae_lightning.models.fsdp import full_state_dict, is_sharded, shard_autoencoder
 from uae_lightning.models.weights import load_weights, save_weights
 from uae_lightning.pipeline import redraw
@@ -49,13 +49,9 @@ class UAEStage(L.LightningModule):
     def configure_model(self) -> None:
         if self.encoder is not None:
             return
-        cfg = self.model_cfg
-        padding = cfg["condition_padding"]
         with torch.random.fork_rng(devices=[]):  # random init independent of everything seeded before it
-            torch.manual_seed(cfg["seed"])
-            self.encoder = build_encoder(cfg["encoder"], self.resolution, padding)
-            self.decoder = build_decoder(cfg["decoder"], self.resolution, padding)
-            self.connector = build_connector(cfg["connector"], self.encoder, self.decoder)
+            torch.manual_seed(self.model_cfg["seed"])
+            self.encoder, self.connector, self.decoder = build_autoencoder(self.model_cfg, self.resolution)
         if self.init_from:
             self.load_weights(self.init_from)
         self.encoder.requires_grad_(False)
@@ -99,10 +95,7 @@ class UAEStage(L.LightningModule):
         full = {name: full_state_dict(getattr(self, name)) for name in ("encoder", "connector", "decoder")}
         if self.global_rank != 0:
             return
-        cfg, padding = self.model_cfg, self.model_cfg["condition_padding"]
-        encoder = build_encoder(cfg["encoder"], self.resolution, padding)
-        decoder = build_decoder(cfg["decoder"], self.resolution, padding)
-        connector = build_connector(cfg["connector"], encoder, decoder)
+        encoder, connector, decoder = build_autoencoder(self.model_cfg, self.resolution)
         if self.encoder_lora is not None:
             add_lora(encoder.model, self.encoder_lora)
         if any("lora_" in k for k in full["decoder"]):
