@@ -136,3 +136,56 @@ def test_command_lines(pipe, references, tmp_path, capsys):
     s = bench_main(["run", "--model", str(export), "--images", str(references), "--out", str(tmp_path / "b"),
                     "--backbones", *TOY_BACKBONES, "--steps", "4"])
     assert s["images"] == 10 and "overall" in capsys.readouterr().out
+
+
+def test_results_are_reused_only_under_the_settings_that_made_them(references, pipe, tmp_path):
+    """A re-run into the same --out with another seed or more backbones refuses (naming what changed) instead of
+    printing the old numbers under the new settings; the in-run bench (fresh=True) starts afresh and matches a run
+    into an empty folder."""
+    out = tmp_path / "out"
+    run_bench(pipe, references, out, TOY_BACKBONES[:2], batch_size=4, seed=0, progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        run_bench(pipe, references, out, TOY_BACKBONES[:2], batch_size=4, seed=1, progress=False)
+    with pytest.raises(ValueError, match="backbones"):
+        run_bench(pipe, references, out, TOY_BACKBONES, batch_size=4, seed=0, progress=False)
+    again = run_bench(pipe, references, out, TOY_BACKBONES[:2], batch_size=4, seed=1, progress=False, fresh=True)
+    clean = run_bench(pipe, references, tmp_path / "clean", TOY_BACKBONES[:2], batch_size=4, seed=1, progress=False)
+    assert again["overall"] == clean["overall"]
+
+
+def test_images_that_differ_only_by_suffix_keep_their_own_outputs(references, pipe, tmp_path):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy(references / "000.png", refs / "a.png")
+    from PIL import Image
+
+    Image.open(references / "001.png").save(refs / "a.jpg", quality=95)
+    s = run_bench(pipe, refs, tmp_path / "out", TOY_BACKBONES, batch_size=4, progress=False)
+    assert s["images"] == 2
+    recons = {json.loads(line)["reconstruction"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert recons == {"reconstructions/a.png.png", "reconstructions/a.jpg.png"}
+    # Scoring folders: two reconstructions for one original cannot be paired silently.
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    shutil.copy(references / "000.png", rec / "000.png")
+    shutil.copy(references / "000.png", rec / "000.webp")
+    with pytest.raises(ValueError, match="000"):
+        score_folders(references, rec, tmp_path / "scored", TOY_BACKBONES, resolution=32, progress=False)
+
+
+def test_cli_step_counts_must_be_positive(capsys):
+    for main, args in ((pipeline_main, ["--model", "x", "--steps", "-3", "caption", "img.png"]),
+                       (bench_main, ["run", "--model", "x", "--images", "y", "--out", "z", "--steps", "0"])):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2 and "--steps" in capsys.readouterr().err  # argparse's one-line usage error
+
+
+def test_non_finite_reconstructions_are_skipped_not_scored_as_black(references, pipe, tmp_path):
+    import copy
+
+    broken = copy.deepcopy(pipe)
+    with torch.no_grad():
+        next(broken.decoder.transformer.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="nonfinite_reconstruction"):
+        run_bench(broken, references, tmp_path / "out", TOY_BACKBONES, batch_size=4, progress=False)

@@ -31,10 +31,11 @@ def test_two_fsdp2_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     base = ["+experiment=toy_pretrain", *TINY, "stages.pretrain.trainer.max_steps=4", "trainer.log_every_n_steps=1"]
     worker(tmp_path / "two", *base, *FSDP2, "data.batch_size=4")
     worker(tmp_path / "one", *base, "trainer.devices=1", "data.batch_size=8")
-    r0, r1 = (json.loads((tmp_path / "two" / f"losses_rank{r}.json").read_text()) for r in (0, 1))
-    one = json.loads((tmp_path / "one" / "losses_rank0.json").read_text())
+    r0, r1 = (json.loads((tmp_path / "two" / f"pretrain_rank{r}.json").read_text()) for r in (0, 1))
+    one = json.loads((tmp_path / "one" / "pretrain_rank0.json").read_text())
     assert r0["world_size"] == 2 and one["world_size"] == 1
     assert len(r0["losses"]) == 4 and r0["losses"] == r1["losses"]
+    assert r0["probe"] == r1["probe"]  # stage 1: one random stream shared by the ranks
     assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
     # Sharded checkpoint (a distributed-checkpoint directory), consolidated weights.
     ckpt = tmp_path / "two" / "run" / "pretrain" / "checkpoints" / "last.ckpt"
@@ -45,17 +46,27 @@ def test_two_fsdp2_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_every_stage_trains_under_fsdp2_and_exports(tmp_path):
-    """The five toy stages, 2 steps each, on 2 ranks: generation (G4U captions), SDE rollouts (U4G), LoRA on both
-    models, manual optimisation and the per-stage consolidation + Unified-Bench all run sharded."""
+def test_every_stage_trains_under_fsdp2_in_the_paper_precision_and_exports(tmp_path):
+    """The five toy stages, 2 steps each, on 2 ranks, with the paper presets' precision (bf16 frozen weights and
+    compute, fp32 trainable weights): generation (G4U captions), SDE rollouts (U4G), LoRA on both models, manual
+    optimisation and the per-stage consolidation + Unified-Bench all run sharded. Stage 1 shares one random stream
+    over the ranks (global-batch equivalence); G4U and U4G draw different caption samples and SDE noise per rank."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+
+    precision = compose_cfg(["+experiment=u4g", "init_from=x", "data.manifest=y"]).trainer.precision
     steps = [f"stages.{s}.trainer.max_steps=2" for s in ("pretrain", "captioner", "cold_start", "g4u", "u4g")]
-    res = subprocess.run(
-        [sys.executable, "-m", "uae_lightning", f"paths.runs_dir={tmp_path}", *TINY, *FSDP2, *steps,
-         "run=[pretrain,captioner,cold_start,g4u,u4g]", "data.batch_size=4", "stages.g4u.data.batch_size=2",
-         "stages.u4g.data.batch_size=2", "stages.g4u.module.group_size=2", "stages.u4g.module.group_size=2",
-         "stages.u4g.module.num_steps=2"], capture_output=True, text=True, timeout=900, env=ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = next(tmp_path.rglob("summary.json")).parent
+    worker(tmp_path, *TINY, *FSDP2, *steps, "run=[pretrain,captioner,cold_start,g4u,u4g]", "data.batch_size=4",
+           "stages.g4u.data.batch_size=2", "stages.u4g.data.batch_size=2", "stages.g4u.module.group_size=2",
+           "stages.u4g.module.group_size=2", "stages.u4g.module.num_steps=2", f"trainer.precision={precision}",
+           "stages.u4g.module.advantage_scale=batch",  # the paper preset's: the batch std gathered from both ranks
+           "model.encoder.dtype=bfloat16", "model.decoder.dtype=bfloat16")
+    probes = {s: [json.loads((tmp_path / f"{s}_rank{r}.json").read_text())["probe"] for r in (0, 1)]
+              for s in ("pretrain", "g4u", "u4g")}
+    assert probes["pretrain"][0] == probes["pretrain"][1]
+    assert probes["g4u"][0] != probes["g4u"][1] and probes["u4g"][0] != probes["u4g"][1]
+    run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["unified_bench"]) == {"pretrain", "captioner", "cold_start", "g4u", "u4g"}
     assert all((run / s / "checkpoints" / "last.ckpt").is_dir() for s in summary["unified_bench"])
@@ -63,6 +74,7 @@ def test_every_stage_trains_under_fsdp2_and_exports(tmp_path):
 
     pipe = UAEPipeline.from_run(run)  # the consolidated U4G weights load into plain models (captioner LoRA kept)
     assert pipe.encoder_lora is not None
+    assert OmegaConf.create(pipe.model_cfg).encoder.dtype == "bfloat16"
     export = pipe.save_pretrained(tmp_path / "export")
     images = torch.rand(1, 3, 32, 32)
     assert UAEPipeline.from_pretrained(export).caption(images) == pipe.caption(images)

@@ -54,3 +54,59 @@ def test_interrupted_stage_resumes_from_last_checkpoint_and_finished_stage_is_re
 
     a, b = load_file(stage_dir / "weights.safetensors"), load_file(tmp_path / "straight" / "pretrain" / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_stage_stops_with_a_checkpoint_and_is_not_marked_done(tmp_path):
+    """lr 1e12: the weights turn non-finite, the stage stops (NonFiniteError, a non-zero exit from the CLI) after
+    saving checkpoints/nonfinite.ckpt, and writes neither weights nor done.json, so a re-run does not reuse it."""
+    import pytest
+
+    from uae_lightning.stages.base import NonFiniteError
+
+    cfg = compose_cfg(["+experiment=toy_pretrain", *FAST, "stages.pretrain.module.lr=1e12",
+                       "stages.pretrain.module.warmup_steps=0", "stages.pretrain.trainer.max_steps=20"])
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        run_pipeline(cfg, tmp_path)
+    stage_dir = tmp_path / "pretrain"
+    assert (stage_dir / "checkpoints" / "nonfinite.ckpt").is_file()
+    assert not (stage_dir / "done.json").exists() and not (stage_dir / "weights.safetensors").exists()
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_held_out_batches_without_a_usable_image_are_counted_not_fatal(tmp_path):
+    """Every held-out file is unreadable: the stage trains, its held-out test logs only the skip counters, and a
+    re-run reuses the finished stage."""
+    from PIL import Image
+
+    from uae_lightning.cli import run_stage
+
+    rows = []
+    for i in range(16):
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", (32, 32), (16 * i, 0, 255 - 16 * i)).save(path)
+        rows.append({"path": str(path), "caption": "a large red circle at the top-left"})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = [{"path": str(tmp_path / "broken.png"), "caption": "x"}, {"path": str(tmp_path / "missing.png"), "caption": "y"}]
+    (tmp_path / "val.jsonl").write_text("\n".join(json.dumps(r) for r in bad))
+    cfg = compose_cfg(["+experiment=toy_pretrain", "data=manifest", f"data.manifest={tmp_path / 'train.jsonl'}",
+                       "data.batch_size=8", "data.eval_batch_size=8", "trainer.enable_progress_bar=false",
+                       f"data.val_manifest={tmp_path / 'val.jsonl'}", "data.resolution=32", "data.min_side=8",
+                       "data.num_workers=0", "stages.pretrain.trainer.max_steps=2"])
+    done = run_stage(cfg, "pretrain", 0, tmp_path / "run", None)
+    assert "similarity_complete_caption" not in done["metrics"]
+    assert sum(v for k, v in done["metrics"].items() if k.startswith("data/skipped")) == 2
+    assert run_stage(cfg, "pretrain", 0, tmp_path / "run", None)["metrics"] == done["metrics"]
+
+
+def test_a_moved_run_continues_from_its_own_weights(tmp_path):
+    """done.json holds paths relative to its stage: after moving a run, the next stage reads the moved weights (an
+    absolute path would point at the old place: gone, or, for a copy, another run's weights)."""
+    import shutil
+
+    steps = [*FAST, "stages.pretrain.trainer.max_steps=2", "stages.captioner.trainer.max_steps=2"]
+    run_pipeline(compose_cfg(["+experiment=toy_pretrain", *steps]), tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    summary = run_pipeline(compose_cfg(["+experiment=toy_captioner", *steps]), tmp_path / "b")
+    assert set(summary["stages"]) == {"pretrain", "captioner"}
+    assert json.loads((tmp_path / "b" / "pretrain" / "done.json").read_text())["weights"] == "weights.safetensors"

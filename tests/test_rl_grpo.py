@@ -21,6 +21,21 @@ def test_group_advantages_by_hand():
     assert torch.isfinite(group_advantages(torch.ones(8), 4)).all() and group_advantages(torch.ones(8), 4).abs().sum() == 0
 
 
+def test_flow_grpo_advantages_use_the_population_std_of_the_group_or_of_all_ranks():
+    # Groups [1, 2] and [3, 6]: means 1.5 and 4.5, population std 0.5 and 1.5 (np.std, Flow-GRPO's stat tracker);
+    # the unbiased std would be 0.7071 and 2.1213.
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    a = group_advantages(r, 2, "group", unbiased=False)
+    assert torch.allclose(a, torch.tensor([-0.5 / 0.5001, 0.5 / 0.5001, -1.5 / 1.5001, 1.5 / 1.5001]))
+    # global_std: population std of the whole batch, mean 3, variance (4 + 1 + 0 + 9) / 4 = 3.5.
+    b = group_advantages(r, 2, "batch", unbiased=False)
+    assert torch.allclose(b, torch.tensor([-0.5, 0.5, -1.5, 1.5]) / (math.sqrt(3.5) + 1e-4))
+    # Over 2 ranks the batch std is that of the rewards gathered from both: here [1, 2, 3, 6] and [10, 10].
+    gathered = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 10.0])
+    c = group_advantages(r, 2, "batch", unbiased=False, batch_rewards=gathered)
+    assert torch.allclose(c, torch.tensor([-0.5, 0.5, -1.5, 1.5]) / (gathered.std(correction=0) + 1e-4))
+
+
 def test_group_advantages_reject_bad_shapes_and_modes():
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(torch.ones(4), 3)

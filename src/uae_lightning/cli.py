@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import fcntl
 import logging
+import math
+import os
+import socket
+import sys
+from contextlib import contextmanager
 import re
 import shutil
 from pathlib import Path
@@ -30,10 +36,12 @@ from uae_lightning.bench.core import run_bench
 from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks.images import ImagePreview
 from uae_lightning.callbacks.preemption import Preemption, slurm_job_id
+from uae_lightning.checkpointing import AtomicCheckpointIO, remove_partial
 from uae_lightning.config import ConfigError, validate
 from uae_lightning.pipeline import UAEPipeline
 from uae_lightning.slurm import check_allocation, register_resolvers, slurm_nodes, slurm_tasks
 from uae_lightning.rewards.callback import RewardCallback
+from uae_lightning.stages.base import NonFiniteError
 
 log = logging.getLogger("uae_lightning")
 
@@ -87,6 +95,8 @@ def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
         callbacks.append(Preemption(stage_dir / "checkpoints" / "last.ckpt"))
         if SLURMEnvironment.detect():
             plugins.append(SLURMEnvironment(auto_requeue=False))
+    if cfg.strategy.name == "auto":  # FSDP2 checkpoints are distributed-checkpoint directories, written by torch
+        plugins.append(AtomicCheckpointIO())
     loggers = []
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version="", default_hp_metric=False))
@@ -100,8 +110,12 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     done_file = stage_dir / "done.json"
     if done_file.exists():
         log.info("stage %s already finished in %s; reusing it", name, stage_dir)
-        return json.loads(done_file.read_text())
+        done = json.loads(done_file.read_text())
+        # Paths in done.json are relative to the stage directory, so a run can be moved or copied.
+        return {**done, "weights": str(stage_dir / done["weights"])}
     stage_dir.mkdir(parents=True, exist_ok=True)
+    for left in remove_partial(stage_dir / "checkpoints"):
+        log.warning("stage %s: removed %s, left by an interrupted checkpoint write", name, left.name)
     L.seed_everything(cfg.seed + index, workers=True, verbose=False)
     data_cfg = _merged(cfg.data, cfg.stages[name].get("data"))
     datamodule = instantiate(data_cfg, _convert_="all")
@@ -130,7 +144,7 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     module.save_weights(weights)  # every rank (a sharded model is gathered first); rank 0 writes
     if trainer.is_global_zero:
         shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
-        result = {"metrics": metrics, "weights": str(weights), "global_step": trainer.global_step,
+        result = {"metrics": metrics, "weights": weights.name, "global_step": trainer.global_step,
                   "data": dict(module.data_counts)}
         done_file.write_text(json.dumps(result, indent=2))
     return {"metrics": metrics, "weights": str(weights)}
@@ -162,7 +176,16 @@ def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict
     pipe.to("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     log.info("stage %s: Unified-Bench", name)
     return run_bench(pipe, reference_images(cfg, run_dir / "bench_images"), out, list(b.backbones), b.batch_size,
-                     b.seed, progress=cfg.trainer.enable_progress_bar)
+                     b.seed, progress=cfg.trainer.enable_progress_bar, fresh=True)
+
+
+def strict_json(value):
+    """`value` with every non-finite float replaced by None: summary.json stays valid JSON (no bare NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def format_table(summary: dict) -> str:
@@ -170,14 +193,47 @@ def format_table(summary: dict) -> str:
     rows += [(stage, "unified_bench", v) for stage, v in summary["unified_bench"].items()]
     width = max([len(f"{s}  {k}") for s, k, _ in rows] + [10])
     lines = [f"{'stage  metric':<{width}}  value", "-" * (width + 10)]
-    lines += [f"{f'{s}  {k}':<{width}}  {v:.4f}" for s, k, v in rows]
+    lines += [f"{f'{s}  {k}':<{width}}  {v:.4f}" if v is not None else f"{f'{s}  {k}':<{width}}  not finite" for s, k, v in rows]
     return "\n".join(lines)
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold run_dir/.lock while a run uses the directory (rank 0 only: the other ranks are the same run). A second
+    process stops at once, naming the holder; the lock is the kernel's (flock), so a killed run leaves none behind."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunLockedError(f"{run_dir} is in use by another run ({f.read().strip() or 'unknown holder'}); wait "
+                                 "for it to end, or give this run another name= or paths.runs_dir=") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
     check_allocation(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _run_stages(cfg, run_dir)
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     summary: dict = {"stages": {}, "unified_bench": {}}
     init_from = cfg.init_from
     for index, name in enumerate(cfg.run):
@@ -190,11 +246,23 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     if rank_zero_only.rank != 0:
         return summary
     path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
+    path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
+    summary = strict_json(summary)
     print("\n" + format_table(summary) + f"\n\nsummary: {path}\ntensorboard --logdir {run_dir}")
     return summary
 
 
+# What a user can cause and fix (a bad key, a missing file, a diverging run): one line, no traceback, exit code 2
+# (1 for a run that diverged); UAE_DEBUG=1 shows the traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, NonFiniteError, RunLockedError)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://uae_lightning.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as err:
+        if os.environ.get("UAE_DEBUG") == "1":
+            raise
+        log.error("%s: %s  (UAE_DEBUG=1 shows the traceback)", type(err).__name__, err)
+        sys.exit(1 if isinstance(err, NonFiniteError) else 2)

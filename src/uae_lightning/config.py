@@ -5,8 +5,9 @@ from omegaconf import DictConfig
 
 from uae_lightning.models.build import DECODER_ARCHITECTURES, DTYPES, ENCODER_ARCHITECTURES
 from uae_lightning.models.encoder import CONDITIONING_MODES, PADDING_MODES
-from uae_lightning.models.flow import WEIGHTING_SCHEMES
+from uae_lightning.models.flow import SIGMA_SAMPLINGS, WEIGHTING_SCHEMES
 from uae_lightning.rewards.backbones import BACKBONES, PAPER_BACKBONES
+from uae_lightning.rl.flow_grpo import CONVENTIONS
 from uae_lightning.rl.grpo import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
 
@@ -24,10 +25,23 @@ def _one_of(value, options, key: str) -> None:
 
 
 def _positive(value, key: str) -> None:
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key, value, "a number > 0")
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"), key, value,
+           "a finite number > 0")
+
+
+def _positive_int(value, key: str) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value, "an integer > 0")
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
 def validate(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    for group, key in (("data", "manifest"),):
+        if key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
+            raise ConfigError(f"{group}.{key} is not set; give it on the command line ({group}.{key}=...)")
     _check(len(cfg.run) > 0, "run", list(cfg.run), "a non-empty list of stages")
     for name in cfg.run:
         _one_of(name, list(cfg.stages), "run[]")
@@ -43,6 +57,23 @@ def validate(cfg: DictConfig) -> None:
             _one_of(level, LEVELS, "data.caption_levels")
             _check(w >= 0, f"data.caption_levels.{level}", w, "a weight >= 0")
         _check(sum(d.caption_levels.values()) > 0, "data.caption_levels", dict(d.caption_levels), "weights with a positive sum")
+    _check(isinstance(d.get("num_workers", 0), int) and d.get("num_workers", 0) >= 0, "data.num_workers",
+           d.get("num_workers"), "an integer >= 0")
+    t = cfg.trainer
+    _one_of(str(t.precision), PRECISIONS, "trainer.precision")
+    _positive_int(t.devices, "trainer.devices")
+    _positive_int(t.num_nodes, "trainer.num_nodes")
+    _positive_int(t.checkpoint_every_n_steps, "trainer.checkpoint_every_n_steps")
+    if "max_steps" in t:  # each stage has its own length; a global one would be silently replaced
+        raise ConfigError(f"trainer.max_steps={t.max_steps} is not used: every stage sets its own length; set "
+                          f"stages.<stage>.trainer.max_steps (stages: {list(cfg.stages)})")
+    b = cfg.bench
+    for key in ("batch_size", "num_steps", "max_new_tokens"):
+        _positive_int(b[key], f"bench.{key}")
+    _check(b.guidance_scale >= 1, "bench.guidance_scale", b.guidance_scale, "a number >= 1 (1: no guidance)")
+    _check(len(b.backbones) > 0, "bench.backbones", list(b.backbones), "at least one backbone")
+    for name in b.backbones:
+        _check_backbone(name, "bench.backbones")
     m = cfg.model
     _one_of(m.condition_padding, PADDING_MODES, "model.condition_padding")
     _one_of(m.encoder.conditioning, CONDITIONING_MODES, "model.encoder.conditioning")
@@ -62,20 +93,31 @@ def validate(cfg: DictConfig) -> None:
     _positive(m.connector.hidden_multiplier, "model.connector.hidden_multiplier")
     _check(len(cfg.reward.backbones) > 0, "reward.backbones", dict(cfg.reward.backbones), "at least one backbone: weight")
     for name, w in cfg.reward.backbones.items():
-        _check_backbone(name)
+        _check_backbone(name, "reward.backbones")
         _positive(w, f"reward.backbones.{name}")
     for name in cfg.run:
         mod = cfg.stages[name].module
         key = f"stages.{name}.module"
         _positive(mod.lr, f"{key}.lr")
+        if "max_nonfinite_in_a_row" in mod:
+            _positive_int(mod.max_nonfinite_in_a_row, f"{key}.max_nonfinite_in_a_row")
         if "weighting_scheme" in mod:
             _one_of(mod.weighting_scheme, WEIGHTING_SCHEMES, f"{key}.weighting_scheme")
+        if "sigma_sampling" in mod:
+            _one_of(mod.sigma_sampling, SIGMA_SAMPLINGS, f"{key}.sigma_sampling")
+        if "convention" in mod:
+            _one_of(mod.convention, CONVENTIONS, f"{key}.convention")
+        for k in ("guidance_scale", "eval_guidance_scale"):
+            if k in mod:
+                _check(mod[k] >= 1, f"{key}.{k}", mod[k], "a number >= 1 (1: no classifier-free guidance)")
         if "caption_dropout" in mod:
             _check(0 <= mod.caption_dropout < 1, f"{key}.caption_dropout", mod.caption_dropout, "a probability in [0, 1)")
         if mod.get("lora"):
             _positive(mod.lora.r, f"{key}.lora.r")
             _positive(mod.lora.alpha, f"{key}.lora.alpha")
         _positive(cfg.stages[name].trainer.max_steps, f"stages.{name}.trainer.max_steps")
+        if "checkpoint_every_n_steps" in cfg.stages[name].trainer:
+            _positive_int(cfg.stages[name].trainer.checkpoint_every_n_steps, f"stages.{name}.trainer.checkpoint_every_n_steps")
         if "group_size" in mod:
             _check(isinstance(mod.group_size, int) and mod.group_size >= 2, f"{key}.group_size", mod.group_size,
                    "an integer >= 2 (advantages compare samples within a group)")
@@ -106,15 +148,15 @@ def validate(cfg: DictConfig) -> None:
                    f"1..num_steps={mod.num_steps}")
 
 
-def _check_backbone(name: str) -> None:
+def _check_backbone(name: str, key: str) -> None:
     """Toy names must exist; other names must be a paper short name, a local folder or look like a hub id."""
     import os
     import re
 
     if name.startswith("toy_"):
-        _one_of(name, BACKBONES, "reward.backbones")
+        _one_of(name, BACKBONES, key)
     elif name not in PAPER_BACKBONES and not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise ConfigError(
-            f"reward.backbones: {name!r} is not a toy backbone {sorted(BACKBONES)}, a paper backbone "
+            f"{key}: {name!r} is not a toy backbone {sorted(BACKBONES)}, a paper backbone "
             f"{sorted(PAPER_BACKBONES)}, an existing folder or a Hugging Face id (org/name)"
         )

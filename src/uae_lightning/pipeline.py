@@ -53,6 +53,14 @@ def redraw(encoder, connector, decoder, texts: list[str], noise: torch.Tensor, n
     return decoder.decode(latents)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
 def seed_for(key: str, seed: int) -> int:
     """A per-item seed from a name: an image's noise never depends on which batch it lands in (resumable bench)."""
     return (zlib.crc32(key.encode()) + seed * 1_000_003) % (2**63)
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m uae_lightning.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an export directory or a run directory")
     p.add_argument("--stage", default=None, help="with a run directory: which stage (default: the last finished)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("caption", help="print one JSON line {image, caption} per image")
@@ -238,6 +246,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"text": text, "image": str(out / f"{i:04d}.png")}))
         return
     files = list_images(args.images)
+    from uae_lightning.bench.core import png_names
+
+    if len({f.name for f in files}) < len(files):
+        raise SystemExit("error: several inputs share a file name; their reconstructions would overwrite each other")
+    png = png_names([f.name for f in files])
     for f in files:
         img = load_tensor(f, pipe.resolution)
         if img is None:
@@ -249,8 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             texts, recon = pipe.reconstruct(img[None], [seed_for(f.name, args.seed)], args.steps)
-            save_png(recon[0], out / f"{f.stem}.png")
-            print(json.dumps({"image": str(f), "caption": texts[0], "reconstruction": str(out / f"{f.stem}.png")}))
+            save_png(recon[0], out / png[f.name])
+            print(json.dumps({"image": str(f), "caption": texts[0], "reconstruction": str(out / png[f.name])}))
 
 
 if __name__ == "__main__":

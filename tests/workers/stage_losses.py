@@ -1,9 +1,11 @@
-"""Run one toy stage through the real CLI code path and record, per rank, the loss the trainer reports each step.
+"""Run toy stages through the real CLI code path and record, per rank and stage, the loss the trainer reports each
+step and a probe of the random stream the stage trains with (three uniform draws at its first batch, taken without
+consuming the stream).
 
     python tests/workers/stage_losses.py OUT_DIR [hydra overrides...]
 
 Lightning re-launches this script for ranks > 0 (strategy fsdp2, trainer.devices=N); each rank writes
-OUT_DIR/losses_rank<r>.json.
+OUT_DIR/<stage>_rank<r>.json.
 """
 import json
 import sys
@@ -20,14 +22,19 @@ import uae_lightning.cli as cli  # noqa: E402
 
 class RecordLoss(L.Callback):
     def __init__(self, out: Path):
-        self.out, self.losses = out, []
+        self.out, self.losses, self.probe = out, [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.probe is None:
+            with torch.random.fork_rng(devices=[]):
+                self.probe = torch.rand(3).tolist()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
     def on_train_end(self, trainer, pl_module):
-        path = self.out / f"losses_rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({"losses": self.losses, "world_size": trainer.world_size}))
+        path = self.out / f"{Path(trainer.default_root_dir).name}_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"losses": self.losses, "world_size": trainer.world_size, "probe": self.probe}))
 
 
 def main() -> None:

@@ -55,11 +55,26 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 class Results:
-    """results.jsonl: the finished images (read back on resume) and one appended line per newly finished image."""
+    """results.jsonl: the finished images (read back on resume) and one appended line per newly finished image.
 
-    def __init__(self, out: Path):
+    settings.json beside it holds the settings that produced them (seed, steps, resolution, backbones, ...): rows are
+    reused only under the same settings. Under others, `fresh=True` starts afresh (the in-run bench of a stage) and
+    otherwise a ValueError names what changed (a user's --out)."""
+
+    def __init__(self, out: Path, settings: dict, fresh: bool = False):
         self.path = out / RESULTS
         self.rows: dict[str, dict] = {}
+        settings_file = out / "settings.json"
+        settings = json.loads(json.dumps(settings))  # as it reads back
+        old = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        if old is not None and old != settings and self.path.is_file():
+            changed = {k: (old.get(k), settings.get(k)) for k in sorted({*old, *settings}) if old.get(k) != settings.get(k)}
+            if not fresh:
+                raise ValueError(f"{out} holds results made with other settings ({changed}): give another output "
+                                 f"folder or delete {self.path}")
+            log.warning("Unified-Bench: %s was made with other settings (%s); starting afresh", out, changed)
+            self.path.unlink()
+        settings_file.write_text(json.dumps(settings, indent=2))
         if self.path.is_file():
             lines = self.path.read_text().splitlines()
             for line in lines:
@@ -123,8 +138,16 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
+def png_names(names: list[str]) -> dict[str, str]:
+    """Where each image's PNG goes: its name with the suffix .png, or its whole name + .png when two images differ
+    only by suffix (a.jpg, a.png), so that no output overwrites another."""
+    stems = Counter(str(Path(n).with_suffix("")) for n in names)
+    return {n: str(Path(n).with_suffix(".png")) if stems[str(Path(n).with_suffix(""))] == 1 else n + ".png"
+            for n in names}
+
+
 def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None, batch_size: int = 16,
-              seed: int = 0, num_steps: int | None = None, progress: bool = True) -> dict:
+              seed: int = 0, num_steps: int | None = None, progress: bool = True, fresh: bool = False) -> dict:
     """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images."""
     from uae_lightning.pipeline import seed_for
 
@@ -135,7 +158,11 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     files = list_images(root)
     if not files:
         raise FileNotFoundError(f"no images in {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    results = Results(out)
+    settings = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution,
+                "guidance_scale": pipe.guidance_scale, "negative_prompt": pipe.negative_prompt,
+                "max_new_tokens": pipe.max_new_tokens, "backbones": backbones}
+    results = Results(out, settings, fresh)
+    png = png_names([str(f.relative_to(root)) for f in files])
     skipped: Counter = Counter()
     todo = [f for f in files if str(f.relative_to(root)) not in results.rows]
     if len(todo) < len(files):
@@ -152,16 +179,22 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
             names = [str(f.relative_to(root)) for f, _ in loaded]
             originals = torch.stack([img for _, img in loaded])
             texts, recon = pipe.reconstruct(originals, [seed_for(n, seed) for n in names], num_steps)
-            recon = quantize(recon)
+            finite = torch.isfinite(recon.flatten(1)).all(1).tolist()
+            if not all(finite):  # a PNG would hold them as black pixels, which score above zero
+                skipped["nonfinite_reconstruction"] += finite.count(False)
+                log.warning("Unified-Bench: %d reconstructions were not finite; skipped", finite.count(False))
+            recon = quantize(recon.nan_to_num())
             scores = scorer(originals, recon)
             for i, name in enumerate(names):
-                rel = Path("reconstructions") / Path(name).with_suffix(".png")
+                if not finite[i]:
+                    continue
+                rel = Path("reconstructions") / png[name]
                 save_png(recon[i], out / rel)
                 results.add({"image": name, "caption": texts[i], "reconstruction": str(rel),
                              "scores": {b: scores[b][i] for b in backbones}})
         bar.update(len(batch))
     bar.close()
-    meta = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution}
+    meta = {k: settings[k] for k in ("mode", "seed", "num_steps", "resolution")}
     return _finish(results, backbones, skipped, out, meta, root, out, pipe.resolution)
 
 
@@ -175,8 +208,20 @@ def score_folders(originals: str | Path, reconstructions: str | Path, out: str |
     out.mkdir(parents=True, exist_ok=True)
     backbones = list(backbones or DEFAULT_BACKBONES)
     scorer = Scorer(backbones, device)
-    recon_by_stem = {str(f.relative_to(rec_root).with_suffix("")): f for f in list_images(rec_root)}
-    results = Results(out)
+    recon_by_stem: dict[str, Path] = {}
+    for f in list_images(rec_root):
+        stem = str(f.relative_to(rec_root).with_suffix(""))
+        if stem in recon_by_stem:
+            raise ValueError(f"{rec_root}: {recon_by_stem[stem].name} and {f.name} would both be the reconstruction of "
+                             f"{stem}.*; keep one")
+        recon_by_stem[stem] = f
+    originals_by_stem = Counter(str(f.relative_to(root).with_suffix("")) for f in list_images(root))
+    twice = sorted(s for s, n in originals_by_stem.items() if n > 1)
+    if twice:
+        raise ValueError(f"{root}: originals that differ only by suffix cannot be paired by name: {twice[:5]}")
+    settings = {"mode": "score", "resolution": resolution, "backbones": backbones,
+                "reconstructions": str(rec_root.resolve())}
+    results = Results(out, settings)
     skipped: Counter = Counter()
     pairs = []
     for f in list_images(root):

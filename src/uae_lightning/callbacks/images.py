@@ -35,7 +35,8 @@ class ImagePreview(L.Callback):
         batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         was_training = pl_module.training
         pl_module.eval()
-        out = pl_module.preview(batch)
+        with trainer.precision_plugin.forward_context():  # the stage's compute precision (autocast under bf16-mixed)
+            out = pl_module.preview(batch)
         pl_module.train(was_training)
         if not trainer.is_global_zero:
             return

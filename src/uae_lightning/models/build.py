@@ -131,7 +131,8 @@ def build_decoder(cfg: dict, resolution: int, condition_padding: str) -> Decoder
     dtype = _dtype(cfg["dtype"], "model.decoder.dtype")
     if cfg.get("pretrained"):
         transformer = SD3Transformer2DModel.from_pretrained(cfg["pretrained"], subfolder="transformer", torch_dtype=dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(cfg["pretrained"], subfolder="scheduler")
+        # model.decoder.shift wins over the checkpoint's (paper preset: 3.0, as SD3.5-large ships)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(cfg["pretrained"], subfolder="scheduler", shift=cfg["shift"])
         vae = AutoencoderKL.from_pretrained(cfg["pretrained"], subfolder="vae", torch_dtype=dtype) if cfg["vae"] else None
     elif cfg["architecture"] == "toy":
         t = cfg["tiny"]
@@ -182,9 +183,14 @@ def add_lora(module: nn.Module, cfg: dict) -> None:
 
 
 def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA adapter of `module` on or off. peft's toggle also freezes/unfreezes the adapter weights; the
+    trainable set is kept as it was (FSDP2 reads it when it initialises, a reference pass must not change it)."""
+    trainable = {p: p.requires_grad for p in module.parameters()}
     for m in module.modules():
         if isinstance(m, BaseTunerLayer):
             m.enable_adapters(enabled)
+    for p, flag in trainable.items():
+        p.requires_grad_(flag)
 
 
 def has_adapter(module: nn.Module) -> bool:

@@ -4,6 +4,7 @@ PAPER.md "Architecture": at paper scale 2048 -> 8192 -> 4096, applied to every c
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -11,3 +12,7 @@ class Connector(nn.Sequential):
     def __init__(self, in_dim: int, out_dim: int, hidden_multiplier: int = 4):
         super().__init__(nn.Linear(in_dim, hidden_multiplier * in_dim), nn.GELU(), nn.Linear(hidden_multiplier * in_dim, out_dim))
         self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The encoder may run in another dtype (bfloat16 checkpoint, float32 connector): compute in the connector's.
+        return super().forward(hidden.to(self[0].weight.dtype))

@@ -76,6 +76,11 @@ class Decoder(nn.Module):
         ).sample
         return out.float()
 
+    def train_sigmas(self) -> torch.Tensor:
+        """The N training sigmas of a fresh scheduler with this one's config (shift included), from ~1 down; the
+        sampling scheduler's own sigmas change with every `set_timesteps`."""
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config).sigmas.float()
+
     def sigmas(self, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The scheduler's sigma schedule (with its shift), num_steps + 1 values from 1 down to 0."""
         self.scheduler.set_timesteps(num_steps, device=device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from uae_lightning.models.fsdp import gathered
 
@@ -58,6 +58,13 @@ class Encoder(nn.Module):
         cfg = model.config
         self.suppressed_ids = [i for i in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
                                            cfg.vision_end_token_id) if i is not None]
+        self.eos_ids = stop_ids(model.generation_config, processor.tokenizer)
+        # Sampling must be what the policy log-probs score. A checkpoint's generation_config.json fills every knob
+        # that `generate` is not given (Qwen2.5-VL-3B-Instruct ships repetition_penalty 1.05, top_k 1, top_p 0.001,
+        # temperature 0.1), so only the token ids are kept from it; `caption` sets every sampling knob explicitly.
+        model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=processor.tokenizer.pad_token_id,
+            bos_token_id=model.generation_config.bos_token_id)
 
     @property
     def hidden_size(self) -> int:
@@ -93,27 +100,24 @@ class Encoder(nn.Module):
         inputs = self.caption_inputs(images)
         tok = self.tokenizer
         with gathered(self.model):  # under FSDP: one all-gather per unit, not one per generated token
-            out = self.model.generate(
-                **inputs,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_k=0 if do_sample else None,
-                top_p=1.0 if do_sample else None,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_return_sequences,
-                suppress_tokens=self.suppressed_ids,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                use_cache=True,
-            )
+            out = self.model.generate(**inputs, **self.sampling_kwargs(do_sample, temperature, max_new_tokens),
+                                      num_return_sequences=num_return_sequences, use_cache=True)
         prompt_len = inputs["input_ids"].shape[1]
         completion = out[:, prompt_len:]
-        is_eos = completion == tok.eos_token_id
-        # Keep tokens up to and including the first EOS.
+        is_eos = torch.isin(completion, torch.tensor(self.eos_ids, device=completion.device))
+        # Keep tokens up to and including the first stop token (any of the checkpoint's EOS ids).
         after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
         mask = ~after_eos
         texts = [" ".join(t.split()) for t in tok.batch_decode(completion.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)]
         return Captions(texts, out, prompt_len, mask, inputs)
+
+    def sampling_kwargs(self, do_sample: bool, temperature: float, max_new_tokens: int) -> dict:
+        """The whole sampling distribution, stated: pure temperature sampling (no top-k/top-p/repetition penalty),
+        vision placeholders suppressed -- exactly what `completion_logprobs` scores. Greedy when not sampling."""
+        knobs = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else {}
+        return dict(do_sample=do_sample, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                    max_new_tokens=max_new_tokens, suppress_tokens=self.suppressed_ids, eos_token_id=self.eos_ids,
+                    pad_token_id=self.tokenizer.pad_token_id)
 
     def completion_logprobs(self, captions: Captions, temperature: float) -> torch.Tensor:
         """log pi(token | image, prompt, previous tokens) of every completion token ([N, T]; masked by
@@ -191,3 +195,11 @@ class Encoder(nn.Module):
             hidden = self.model.model(input_ids=ids, attention_mask=att, **extra).last_hidden_state
         n = cap.input_ids.shape[1]
         return hidden[:, -n:], cap.attention_mask.bool()
+
+
+def stop_ids(generation_config: GenerationConfig, tokenizer) -> list[int]:
+    """Every id that ends a caption: the checkpoint's EOS ids (Qwen2.5-VL ships two, <|im_end|> and <|endoftext|>)
+    and the tokenizer's EOS."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, tokenizer.eos_token_id})

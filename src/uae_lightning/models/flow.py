@@ -5,6 +5,7 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
+SIGMA_SAMPLINGS = ("scheduler", "density")
 
 
 def sample_t(n: int, scheme: str, logit_mean: float, logit_std: float, mode_scale: float, device, generator=None) -> torch.Tensor:
@@ -12,6 +13,22 @@ def sample_t(n: int, scheme: str, logit_mean: float, logit_std: float, mode_scal
     if scheme not in WEIGHTING_SCHEMES:
         raise ValueError(f"weighting_scheme={scheme!r}; expected one of {WEIGHTING_SCHEMES}")
     return compute_density_for_timestep_sampling(scheme, n, logit_mean, logit_std, mode_scale, device=device, generator=generator)
+
+
+def sigmas_from_density(u: torch.Tensor, train_sigmas: torch.Tensor, mapping: str) -> torch.Tensor:
+    """Noise levels for density samples u in (0, 1).
+
+    "scheduler" (diffusers' SD3 training script): u picks a training timestep, index = floor(u * N), and the noise
+    level is the training scheduler's (shifted) sigma there; `train_sigmas` are its N sigmas, from ~1 down to 1/N
+    before the shift (SD3.5-large: shift 3.0, so u = 0.5 gives sigma 0.75). "density": sigma = u, no shift.
+    """
+    if mapping not in SIGMA_SAMPLINGS:
+        raise ValueError(f"sigma_sampling={mapping!r}; expected one of {SIGMA_SAMPLINGS}")
+    if mapping == "density":
+        return u
+    n = len(train_sigmas)
+    idx = (u * n).long().clamp(0, n - 1)
+    return train_sigmas.to(u.device)[idx.to(u.device)].to(u.dtype)
 
 
 def noisy_latents(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -28,20 +28,30 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def shard_model(root: nn.Module, blocks: list[nn.Module], mesh) -> None:
+def mixed_precision_policy(precision: str):
+    """FSDP2's policy for a Lightning precision: under "bf16-mixed"/"16-mixed" parameters are all-gathered and used in
+    half precision while the sharded copies keep their own dtypes (trainable float32, frozen as loaded) and gradients
+    are reduced in float32. None (FSDP's default: compute in the parameters' dtype) otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    return None if half is None else MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+
+
+def shard_model(root: nn.Module, blocks: list[nn.Module], mesh, mp_policy=None) -> None:
     """fully_shard each block, then the root (which keeps everything not inside a block)."""
     _, fully_shard = _fsdp()
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(root, mesh=mesh)
+        fully_shard(block, **kwargs)
+    fully_shard(root, **kwargs)
 
 
-def shard_autoencoder(encoder, connector: nn.Module, decoder, mesh) -> None:
+def shard_autoencoder(encoder, connector: nn.Module, decoder, mesh, mp_policy=None) -> None:
     lm = encoder.model.model
-    shard_model(encoder.model, [*lm.language_model.layers, *lm.visual.blocks], mesh)
-    shard_model(decoder.transformer, list(decoder.transformer.transformer_blocks), mesh)
-    _, fully_shard = _fsdp()
-    fully_shard(connector, mesh=mesh)
+    shard_model(encoder.model, [*lm.language_model.layers, *lm.visual.blocks], mesh, mp_policy)
+    shard_model(decoder.transformer, list(decoder.transformer.transformer_blocks), mesh, mp_policy)
+    shard_model(connector, [], mesh, mp_policy)
 
 
 @contextmanager

@@ -8,12 +8,14 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     unbiased: bool = True, batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """A_i = (r_i - mean_group(r)) / (std_group(r) + eps)   (scale="group")
 
-    scale="batch" divides by the std of the whole batch instead, "none" only centres per group. `rewards` is flat,
-    groups contiguous ([g0 s0, g0 s1, ..., g1 s0, ...]). A group whose rewards are all equal gets advantage 0.
-    std is the unbiased sample std (as torch.std), matching TRL.
+    scale="batch" divides by the std of the whole batch instead (Flow-GRPO's `global_std`; pass `batch_rewards`, the
+    rewards gathered from every rank, when the batch is split over processes), "none" only centres per group.
+    `rewards` is flat, groups contiguous ([g0 s0, g0 s1, ..., g1 s0, ...]). A group whose rewards are all equal gets
+    advantage 0. `unbiased`: the sample std (torch.std, as TRL's GRPO) or the population std (np.std, as Flow-GRPO).
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"advantage scale={scale!r}; expected one of {ADVANTAGE_SCALES}")
@@ -21,10 +23,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     r = rewards.float().view(-1, group_size)
     centred = r - r.mean(1, keepdim=True)
+    correction = 1 if unbiased else 0
     if scale == "group":
-        centred = centred / (r.std(1, keepdim=True) + eps)
+        centred = centred / (r.std(1, keepdim=True, correction=correction) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.float().std() + eps)
+        everything = rewards if batch_rewards is None else batch_rewards
+        centred = centred / (everything.float().std(correction=correction) + eps)
     return centred.view(-1)
 
 
@@ -57,7 +61,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_length
     grpo:    mean over sequences of (sum of the sequence's tokens / its length)
     bnpo:    sum over all tokens / number of tokens in this batch
     dr_grpo: sum over all tokens / (B * max_length)        (max_length: the generation cap)
-    dapo:    sum over all tokens / num_tokens               (tokens in the whole rollout batch, all micro-batches)
+    dapo:    sum over all tokens / num_tokens               (tokens in the whole rollout batch, all micro-batches;
+                                                             across ranks: global tokens / number of processes, TRL)
     """
     m = mask.to(per_token.dtype)
     total = (per_token * m).sum()
@@ -74,6 +79,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_length
             raise ValueError("loss aggregation 'dapo' needs num_tokens (tokens in the whole rollout batch)")
         return total / max(float(num_tokens), 1.0)
     raise ValueError(f"loss aggregation={mode!r}; expected one of {LOSS_AGGREGATIONS}")
+
+
+def dapo_num_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """dapo's normaliser on this process, as TRL computes it: the completion tokens of the whole rollout batch summed
+    over all processes, divided by the number of processes. Gradients are then averaged over processes (DDP, FSDP), so
+    the update is (sum over every token) / (every token), however the batch is split. A collective when distributed."""
+    n = mask.sum().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(n)
+        n = n / torch.distributed.get_world_size()
+    return n
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

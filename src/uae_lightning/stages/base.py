@@ -6,6 +6,7 @@ Each stage file (pretrain.py, ...) holds its own algorithm top to bottom; this f
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import torch
 
 from uae_lightning.data import toy
 from uae_lightning.models.build import add_lora, build_autoencoder
-from uae_lightning.models.fsdp import full_state_dict, is_sharded, shard_autoencoder
+from uae_lightning.models.fsdp import full_state_dict, is_sharded, mixed_precision_policy, shard_autoencoder
 from uae_lightning.models.weights import load_weights, save_weights
 from uae_lightning.pipeline import redraw
 from uae_lightning.rewards.callback import RewardCallback
@@ -29,6 +30,12 @@ def _as_tuples(x):
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream in the RL stages: the stage seed plus the rank (accelerate's
+    `set_seed(seed, device_specific=True)`, which TRL uses), so rank 0 keeps the single-process stream."""
+    return seed + rank
 
 
 class UAEStage(L.LightningModule):
@@ -44,6 +51,10 @@ class UAEStage(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.encoder_lora: dict | None = None  # config of the captioner's LoRA adapter, when the encoder has one
         self.report_before = False  # stages that improve an existing auto-encoder report metrics before and after
+        # RL stages sample captions and SDE noise per rank: each rank gets its own random stream (seeded from the run
+        # seed and its rank, as TRL's device-specific seeds) so ranks do not draw the same samples. Stage 1 keeps
+        # one shared stream (global_draw), which makes N processes equal one process on the same global batch.
+        self.per_rank_rng = False
 
     # ---- models --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -58,8 +69,16 @@ class UAEStage(L.LightningModule):
         self.connector.requires_grad_(False)
         self.decoder.requires_grad_(False)
         self.configure_trainable()
+        # Trainable parameters (and so their AdamW state) in float32, whatever the frozen weights' dtype: a 1e-5
+        # update of a ~0.02 weight is below bfloat16's resolution there (diffusers' cast_training_params,
+        # Flow-GRPO). Under `bf16-mixed` the compute is bfloat16 (autocast, or FSDP2's MixedPrecisionPolicy);
+        # `bf16-true` casts everything, trainable weights included, to bfloat16 after this.
+        for p in self.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
         if self.device_mesh is not None:  # ModelParallelStrategy (conf/strategy/fsdp2.yaml): FSDP2 over data parallel
-            shard_autoencoder(self.encoder, self.connector, self.decoder, self.device_mesh["data_parallel"])
+            shard_autoencoder(self.encoder, self.connector, self.decoder, self.device_mesh["data_parallel"],
+                              mixed_precision_policy(self.trainer.precision))
 
     def configure_trainable(self) -> None:
         """Unfreeze what this stage trains (everything starts frozen)."""
@@ -101,6 +120,9 @@ class UAEStage(L.LightningModule):
         if any("lora_" in k for k in full["decoder"]):
             add_lora(decoder.transformer, self.hparams.lora)
         for name, module in (("encoder", encoder), ("connector", connector), ("decoder", decoder)):
+            for key, p in module.named_parameters():  # trained weights are float32 (configure_model): kept so
+                if key in full[name]:
+                    p.data = p.data.to(full[name][key].dtype)
             module.load_state_dict(full[name])
         save_weights(path, encoder, connector, decoder, self.encoder_lora)
 
@@ -128,7 +150,9 @@ class UAEStage(L.LightningModule):
         """Accumulate the batch's skip/conversion counters and log them; False if nothing in it is usable."""
         self.data_counts.update(batch.get("skipped", {}))
         for k, v in self.data_counts.items():
-            self.log(f"data/{k}", float(v))
+            # Running totals: the largest value is the total. batch_size is given because a batch whose every sample
+            # was skipped holds nothing Lightning could infer it from.
+            self.log(f"data/{k}", float(v), batch_size=1, reduce_fx="max")
         return "images" in batch
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -138,6 +162,17 @@ class UAEStage(L.LightningModule):
         if self._t0 is not None and "images" in batch:
             dt = time.perf_counter() - self._t0
             self.log("throughput/images_per_s", len(batch["images"]) / dt)
+        self.check_weights_finite()
+
+    def check_weights_finite(self) -> None:
+        """A finite loss can still step the weights to NaN/inf (e.g. a huge learning rate): that ends the stage like
+        too many non-finite losses in a row, before anything trains on (or is saved from) broken weights."""
+        from torch.distributed.tensor import DTensor
+
+        bad = any(not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                  for p in self.parameters() if p.requires_grad)
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank's shard
+            self.stop_nonfinite(f"non-finite trainable weights after step {self.global_step}")
 
     def finite_or_skip(self, value: torch.Tensor, what: str, max_in_a_row: int) -> bool:
         """False (and counted) if `value` has a NaN/inf: the caller skips the update. `max_in_a_row` skipped steps
@@ -149,14 +184,16 @@ class UAEStage(L.LightningModule):
         self.nonfinite_in_a_row += 1
         self.log("nonfinite/skipped_steps", float(self.nonfinite_total))
         if self.nonfinite_in_a_row >= max_in_a_row:
-            ckpt = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite.ckpt"
-            self.trainer.save_checkpoint(ckpt)
-            raise NonFiniteError(
-                f"{self.nonfinite_in_a_row} steps in a row had a non-finite {what} (step {self.global_step}); "
-                f"stopped after saving {ckpt}. Lower the learning rate or inspect the data; the limit is "
-                f"max_nonfinite_in_a_row={max_in_a_row}."
-            )
+            self.stop_nonfinite(f"{self.nonfinite_in_a_row} steps in a row had a non-finite {what} (step "
+                                f"{self.global_step}; the limit is max_nonfinite_in_a_row={max_in_a_row})")
         return False
+
+    def stop_nonfinite(self, what: str) -> None:
+        """Save checkpoints/nonfinite.ckpt for inspection and stop the stage with NonFiniteError (the stage is not
+        marked done, no weights are written, the run exits non-zero)."""
+        ckpt = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite.ckpt"
+        self.trainer.save_checkpoint(ckpt)
+        raise NonFiniteError(f"{what}; stopped after saving {ckpt}. Lower the learning rate or inspect the data.")
 
     def global_draw(self, draw, n_local: int) -> torch.Tensor:
         """Per-sample randomness for this rank's `n_local` samples, drawn for the whole global batch from the RNG
@@ -168,24 +205,37 @@ class UAEStage(L.LightningModule):
         values = draw(n_local * world)
         return values.view(n_local, world, *values.shape[1:])[:, rank]
 
-    # Resuming must continue the random stream too: an interrupted run then matches an uninterrupted one.
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.per_rank_rng:
+            # Before a resume restores the saved per-rank streams (on_load_checkpoint), so both start alike.
+            torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank))
+
+    # Resuming must continue the random stream too: an interrupted run then matches an uninterrupted one. Every rank
+    # calls this (Lightning builds the checkpoint dict on all ranks, one writes it), so each rank's stream is kept.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["uae_state"] = {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": random.getstate(),
-            "data_counts": dict(self.data_counts),
-            "nonfinite_total": self.nonfinite_total,
-        }
+        rng = {"torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+               "python_rng": random.getstate()}
+        per_rank = [rng]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            per_rank = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(per_rank, rng)
+        checkpoint["uae_state"] = {"rng": per_rank, "data_counts": dict(self.data_counts),
+                                   "nonfinite_total": self.nonfinite_total}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("uae_state")
         if not state:
             return
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(_as_tuples(state["python_rng"]))
+        per_rank = state["rng"]
+        if len(per_rank) != self.trainer.world_size:
+            raise RuntimeError(f"the checkpoint holds the random streams of {len(per_rank)} ranks; this run has "
+                               f"{self.trainer.world_size} (resume with the same trainer.devices x trainer.num_nodes)")
+        rng = per_rank[self.global_rank]
+        torch.set_rng_state(rng["torch_rng"])
+        if rng["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
+        random.setstate(_as_tuples(rng["python_rng"]))
         self.data_counts = Counter(state["data_counts"])
         self.nonfinite_total = state["nonfinite_total"]
 
@@ -194,9 +244,12 @@ class UAEStage(L.LightningModule):
         size = self.decoder.latent_size(self.resolution)
         return torch.randn(n, self.decoder.latent_channels, size, size, generator=g).to(self.device)
 
-    def redraw(self, texts: list[str], noise: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """Caption text -> image from given noise, through the text bottleneck (pipeline.redraw)."""
-        return redraw(self.encoder, self.connector, self.decoder, texts, noise, num_steps)
+    def redraw(self, texts: list[str], noise: torch.Tensor, num_steps: int, guidance_scale: float | None = None) -> torch.Tensor:
+        """Caption text -> image from given noise, through the text bottleneck (pipeline.redraw), with classifier-free
+        guidance against the stage's `negative_prompt`: `guidance_scale`, or the stage's `eval_guidance_scale`."""
+        h = self.hparams
+        scale = h.eval_guidance_scale if guidance_scale is None else guidance_scale
+        return redraw(self.encoder, self.connector, self.decoder, texts, noise, num_steps, scale, h.negative_prompt)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out metrics of the whole auto-encoder (stages with other metrics override this)."""

@@ -25,7 +25,10 @@ class CaptionerFinetuning(UAEStage):
         warmup_steps: int = 20,
         lora: dict | None = None,
         full_modules: tuple[str, ...] = ("model.visual", "lm_head"),
+        max_nonfinite_in_a_row: int = 5,
         eval_steps: int = 10,
+        eval_guidance_scale: float = 1.0,
+        negative_prompt: str = "",
         eval_seed: int = 1234,
         max_new_tokens: int = 48,
     ):
@@ -53,6 +56,8 @@ class CaptionerFinetuning(UAEStage):
         labels[:, : ids.shape[1] - target.input_ids.shape[1]] = -100  # no loss on the prompt
         labels[attention == 0] = -100
         loss = enc.model(input_ids=ids, attention_mask=attention, labels=labels, **inputs).loss
+        if not self.finite_or_skip(loss.detach(), "loss", self.hparams.max_nonfinite_in_a_row):
+            return None
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -23,12 +23,15 @@ class ColdStart(UAEStage):
         warmup_steps: int = 0,
         num_steps: int = 10,
         grad_last_steps: int = 2,
+        guidance_scale: float = 1.0,
         checkpoint_steps: bool = False,
         decoder_lora: dict | None = None,
         encoder_lora: dict | None = None,
         gradient_checkpointing: bool = False,
         max_nonfinite_in_a_row: int = 5,
         eval_steps: int = 10,
+        eval_guidance_scale: float = 1.0,
+        negative_prompt: str = "",
         eval_seed: int = 1234,
         max_new_tokens: int = 48,
     ):
@@ -55,16 +58,22 @@ class ColdStart(UAEStage):
             return None
         h = self.hparams
         images = batch["images"]
+        captions = list(batch["caption"])
+        guided = h.guidance_scale != 1.0
+        texts = captions + [h.negative_prompt] * len(captions) if guided else captions
         if h.encoder_lora:
-            hidden, mask = self.encoder.condition(list(batch["caption"]))
+            hidden, mask = self.encoder.condition(texts)
         else:
             with torch.no_grad(), self.encoder.adapter_disabled():  # the captioner adapter is not on the text path
-                hidden, mask = self.encoder.condition(list(batch["caption"]))
-        cond = self.connector(hidden)
+                hidden, mask = self.encoder.condition(texts)
+        cond, negative = self.connector(hidden), None
+        if guided:  # one conditioning pass for both branches
+            (cond, negative_cond), (mask, negative_mask) = cond.chunk(2), mask.chunk(2)
+            negative = (negative_cond, negative_mask)
         noise = torch.randn(len(images), self.decoder.latent_channels, *([self.decoder.latent_size(self.resolution)] * 2),
                             device=self.device)
-        z = self.decoder.sample(cond, mask, noise, h.num_steps, grad_last_steps=h.grad_last_steps,
-                                checkpoint_steps=h.checkpoint_steps)
+        z = self.decoder.sample(cond, mask, noise, h.num_steps, h.guidance_scale, negative,
+                                grad_last_steps=h.grad_last_steps, checkpoint_steps=h.checkpoint_steps)
         similarity = self.reward.score(self.decoder.decode(z), images)
         loss = 1 - similarity.mean()
         if not self.finite_or_skip(loss, "loss", h.max_nonfinite_in_a_row):

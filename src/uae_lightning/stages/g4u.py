@@ -12,7 +12,7 @@ import json
 import torch
 
 from uae_lightning.data import toy
-from uae_lightning.rl.grpo import aggregate, clipped_surrogate, group_advantages, kl_k3
+from uae_lightning.rl.grpo import aggregate, clipped_surrogate, dapo_num_tokens, group_advantages, kl_k3
 from uae_lightning.stages.base import UAEStage
 
 
@@ -40,12 +40,16 @@ class G4U(UAEStage):
         lora: dict | None = None,
         max_nonfinite_in_a_row: int = 5,
         eval_steps: int = 10,
+        guidance_scale: float = 1.0,
+        eval_guidance_scale: float = 1.0,
+        negative_prompt: str = "",
         eval_seed: int = 1234,
     ):
         super().__init__(model, resolution, init_from)
         self.report_before = True  # summary.json gets <metric>_before and <metric>_after
         self.save_hyperparameters(ignore=["init_from"])
         self.automatic_optimization = False  # several updates per rollout batch
+        self.per_rank_rng = True  # caption samples and redraw noise differ between ranks
         self.first_update_ratio: torch.Tensor | None = None  # max |ratio - 1| on the first inner update (a check)
 
     def configure_trainable(self) -> None:
@@ -60,7 +64,7 @@ class G4U(UAEStage):
         # One initial noise per group: within a group only the caption differs.
         noise = torch.randn(len(batch["images"]), self.decoder.latent_channels,
                             *([self.decoder.latent_size(self.resolution)] * 2), device=self.device)
-        recon = self.redraw(caps.texts, noise.repeat_interleave(G, 0), h.decode_steps)
+        recon = self.redraw(caps.texts, noise.repeat_interleave(G, 0), h.decode_steps, h.guidance_scale)
         rewards = self.reward.score(recon, images)
         old, ref = [], []
         for s in self.micro_batches(len(images)):
@@ -100,7 +104,7 @@ class G4U(UAEStage):
             return
         adv = group_advantages(rewards, h.group_size, h.advantage_scale)
         mask = caps.completion_mask
-        n_tokens = mask.sum()
+        n_tokens = dapo_num_tokens(mask) if h.loss_aggregation == "dapo" else None  # all ranks' tokens (a collective)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         stats: dict[str, list] = {"loss": [], "kl": [], "clip_fraction": [], "ratio_mean": [], "ratio_max": [], "ratio_min": []}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from uae_lightning.models.flow import flow_matching_loss, noisy_latents, sample_t
+from uae_lightning.models.flow import SIGMA_SAMPLINGS, flow_matching_loss, noisy_latents, sample_t, sigmas_from_density
 from uae_lightning.stages.base import UAEStage
 
 
@@ -23,16 +23,23 @@ class DecoderPretraining(UAEStage):
         warmup_steps: int = 0,
         caption_dropout: float = 0.1,
         weighting_scheme: str = "logit_normal",
+        sigma_sampling: str = "scheduler",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
         lora: dict | None = None,
         gradient_checkpointing: bool = False,
+        max_nonfinite_in_a_row: int = 5,
         eval_steps: int = 10,
+        eval_guidance_scale: float = 1.0,
+        negative_prompt: str = "",
         eval_seed: int = 1234,
     ):
         super().__init__(model, resolution, init_from)
+        if sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"stages.pretrain.module.sigma_sampling={sigma_sampling!r}; expected one of {SIGMA_SAMPLINGS}")
         self.save_hyperparameters(ignore=["init_from"])
+        self._train_sigmas: torch.Tensor | None = None
 
     def configure_trainable(self) -> None:
         self.train_decoder(self.hparams.lora, self.hparams.gradient_checkpointing)
@@ -53,9 +60,14 @@ class DecoderPretraining(UAEStage):
             z0 = self.decoder.encode(images)
         cond = self.connector(hidden)
         noise = self.global_draw(lambda k: torch.randn(k, *z0.shape[1:]), n).to(z0)
-        t = self.global_draw(lambda k: sample_t(k, h.weighting_scheme, h.logit_mean, h.logit_std, h.mode_scale, "cpu"), n).to(z0.device)
+        if self._train_sigmas is None:
+            self._train_sigmas = self.decoder.train_sigmas()
+        u = self.global_draw(lambda k: sample_t(k, h.weighting_scheme, h.logit_mean, h.logit_std, h.mode_scale, "cpu"), n)
+        t = sigmas_from_density(u, self._train_sigmas, h.sigma_sampling).to(z0.device)
         v = self.decoder.velocity(noisy_latents(z0, noise, t), t, cond, mask)
         loss = flow_matching_loss(v, z0, noise, t, h.weighting_scheme)
+        if not self.finite_or_skip(loss.detach(), "loss", h.max_nonfinite_in_a_row):
+            return None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from uae_lightning.models.build import set_adapters_enabled
-from uae_lightning.rl.flow_grpo import cps_step, sde_step, step_kl
+from uae_lightning.rl.flow_grpo import CONVENTIONS, cps_step, nonzero_advantage, sde_step, step_kl
 from uae_lightning.rl.grpo import clipped_surrogate, group_advantages
 from uae_lightning.stages.base import UAEStage
 
@@ -32,6 +32,8 @@ class U4G(UAEStage):
         num_steps: int = 10,
         noise_level: float = 0.7,
         sde_type: str = "sde",
+        convention: str = "flow_grpo",
+        advantage_scale: str = "batch",
         shared_initial_noise: bool = False,
         clip_range: float = 1e-4,
         adv_clip: float = 5.0,
@@ -39,7 +41,7 @@ class U4G(UAEStage):
         train_fraction: float = 0.99,
         train_window: tuple[int, int] | None = None,
         num_iterations: int = 1,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = 4.5,
         negative_prompt: str = "",
         caption_do_sample: bool = False,
         caption_temperature: float = 0.7,
@@ -49,14 +51,18 @@ class U4G(UAEStage):
         lora: dict | None = None,
         max_nonfinite_in_a_row: int = 5,
         eval_steps: int = 10,
+        eval_guidance_scale: float = 1.0,
         eval_seed: int = 1234,
     ):
         super().__init__(model, resolution, init_from)
         if sde_type not in SDE_TYPES:
             raise ValueError(f"stages.u4g.module.sde_type={sde_type!r}; expected one of {SDE_TYPES}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"stages.u4g.module.convention={convention!r}; expected one of {CONVENTIONS}")
         self.save_hyperparameters(ignore=["init_from"])
         self.automatic_optimization = False
         self.report_before = True
+        self.per_rank_rng = True  # SDE noise differs between ranks
         self.first_update_ratio: torch.Tensor | None = None  # max |ratio - 1| at the first inner update (a check)
 
     def configure_trainable(self) -> None:
@@ -75,7 +81,8 @@ class U4G(UAEStage):
 
     def step(self, x, v, sigma, sigma_next, prev_sample=None):
         fn = sde_step if self.hparams.sde_type == "sde" else cps_step
-        return fn(x, v, sigma, sigma_next, self.hparams.noise_level, prev_sample=prev_sample)
+        return fn(x, v, sigma, sigma_next, self.hparams.noise_level, prev_sample=prev_sample,
+                  convention=self.hparams.convention)
 
     def velocity(self, x, sigma, cond, mask, negative):
         return self.decoder.guided_velocity(x, sigma, cond, mask, self.hparams.guidance_scale, negative)
@@ -122,7 +129,15 @@ class U4G(UAEStage):
         ro = self.rollout(batch)
         if not self.finite_or_skip(ro["rewards"], "reward", h.max_nonfinite_in_a_row):
             return
-        adv = group_advantages(ro["rewards"], h.group_size).clamp(-h.adv_clip, h.adv_clip)
+        # Flow-GRPO: population std per group, or of the whole batch over all ranks (`global_std`); clipped; samples
+        # with advantage exactly 0 (a group whose rewards were all equal) are left out of the update.
+        everything = self.all_gather(ro["rewards"]).flatten() if self.trainer.world_size > 1 else None
+        adv = group_advantages(ro["rewards"], h.group_size, h.advantage_scale, unbiased=False,
+                               batch_rewards=everything).clamp(-h.adv_clip, h.adv_clip)
+        # Masked rather than removed, so that every rank runs the same forward/backward passes (FSDP's collectives).
+        keep = nonzero_advantage(adv).float()
+        n_keep = keep.sum().clamp_min(1)
+        self.log("advantage/dropped_fraction", 1 - keep.mean())
         steps = self.trained_steps()
         n = len(adv)
         opt, sched = self.optimizers(), self.lr_schedulers()
@@ -139,7 +154,7 @@ class U4G(UAEStage):
                     neg = None if ro["negative"] is None else (ro["negative"][0][sl], ro["negative"][1][sl])
                     s = sig.expand(len(x))
                     v = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg)
-                    _, logp, mu, std = self.step(x, v, s, sig_next.expand(len(x)), prev_sample=x_next)
+                    _, logp, mu, kl_std = self.step(x, v, s, sig_next.expand(len(x)), prev_sample=x_next)
                     loss_s, ratio, clipped = clipped_surrogate(logp, ro["logps"][sl, j], adv[sl], h.clip_range, h.clip_range)
                     loss = loss_s
                     if h.kl_beta > 0:
@@ -147,11 +162,11 @@ class U4G(UAEStage):
                             set_adapters_enabled(transformer, False)
                             v_ref = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg)
                             set_adapters_enabled(transformer, True)
-                            _, _, mu_ref, _ = self.step(x, v_ref, s, sig_next.expand(len(x)), prev_sample=x_next)
-                        kl = step_kl(mu, mu_ref, std)
+                            mu_ref = self.step(x, v_ref, s, sig_next.expand(len(x)), prev_sample=x_next).mean
+                        kl = step_kl(mu, mu_ref, kl_std)
                         loss = loss + h.kl_beta * kl
                         per_step[j]["kl"].append(kl.mean().item())
-                    loss = loss.sum() / (n * len(steps))  # mean over samples and trained steps
+                    loss = (loss * keep[sl]).sum() / (n_keep * len(steps))  # mean over kept samples and trained steps
                     if not self.finite_or_skip(loss.detach(), "loss", h.max_nonfinite_in_a_row):
                         opt.zero_grad(set_to_none=True)
                         return
