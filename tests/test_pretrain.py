@@ -110,3 +110,16 @@ def test_a_moved_run_continues_from_its_own_weights(tmp_path):
     summary = run_pipeline(compose_cfg(["+experiment=toy_captioner", *steps]), tmp_path / "b")
     assert set(summary["stages"]) == {"pretrain", "captioner"}
     assert json.loads((tmp_path / "b" / "pretrain" / "done.json").read_text())["weights"] == "weights.safetensors"
+
+
+def test_a_finished_stage_is_reused_only_under_its_own_settings(tmp_path):
+    """done.json carries the stage's settings: the same directory under other settings (here a learning rate, as a
+    changed default would) stops with a message naming the key instead of reusing the old result."""
+    import pytest
+
+    from uae_lightning.config import ConfigError
+
+    base = ["+experiment=toy_pretrain", *FAST, "stages.pretrain.trainer.max_steps=2"]
+    run_pipeline(compose_cfg(base), tmp_path)
+    with pytest.raises(ConfigError, match="stage.module.lr: 0.001 -> 0.002"):
+        run_pipeline(compose_cfg([*base, "stages.pretrain.module.lr=0.002"]), tmp_path)

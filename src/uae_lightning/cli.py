@@ -105,12 +105,37 @@ def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
                      strategy=build_strategy(cfg), **trainer_cfg)
 
 
+def stage_settings(cfg: DictConfig, name: str) -> dict:
+    """What a finished stage's result depends on (besides its input weights): reused only when these match."""
+    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create({
+        "seed": cfg.seed, "model": cfg.model, "data": _merged(cfg.data, cfg.stages[name].get("data")),
+        "stage": cfg.stages[name], "precision": cfg.trainer.precision}), resolve=True)))
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted({*old, *new})
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from: str | None) -> dict:
     """Train one stage (or resume it), evaluate it on held-out data, save its weights; returns its done.json."""
     done_file = stage_dir / "done.json"
+    settings = stage_settings(cfg, name)
     if done_file.exists():
-        log.info("stage %s already finished in %s; reusing it", name, stage_dir)
         done = json.loads(done_file.read_text())
+        changed = differences(done.get("settings", {}), settings)
+        if changed:
+            raise ConfigError(f"{stage_dir} holds stage {name} finished with other settings ({', '.join(changed[:6])}); "
+                              f"give this run another name= (or delete that stage's folder to train it again)")
+        log.info("stage %s already finished in %s; reusing it", name, stage_dir)
         # Paths in done.json are relative to the stage directory, so a run can be moved or copied.
         return {**done, "weights": str(stage_dir / done["weights"])}
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +169,7 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     module.save_weights(weights)  # every rank (a sharded model is gathered first); rank 0 writes
     if trainer.is_global_zero:
         shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
-        result = {"metrics": metrics, "weights": weights.name, "global_step": trainer.global_step,
+        result = {"metrics": metrics, "weights": weights.name, "settings": settings, "global_step": trainer.global_step,
                   "data": dict(module.data_counts)}
         done_file.write_text(json.dumps(result, indent=2))
     return {"metrics": metrics, "weights": str(weights)}
