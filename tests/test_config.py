@@ -137,3 +137,14 @@ def test_job_whose_allocation_disagrees_with_the_trainer_stops(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     with pytest.raises(ConfigError, match="SLURM started 4 task"):
         check_allocation(cfg)
+
+
+def test_every_toy_stage_checkpoints_before_it_ends():
+    """A stage shorter than its checkpoint interval has no resume point but its end: each toy stage checkpoints at
+    least twice (the paper presets' intervals are per stage too, so the toy's do not leak into them)."""
+    cfg = compose_cfg()
+    for name in cfg.run:
+        every = cfg.stages[name].trainer.get("checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
+        assert cfg.stages[name].trainer.max_steps >= 2 * every, name
+    paper = compose_cfg(["+experiment=u4g", "init_from=x", "data.manifest=y"])
+    assert paper.stages.u4g.trainer.checkpoint_every_n_steps == 50
