@@ -120,9 +120,6 @@ class UAEStage(L.LightningModule):
         if any("lora_" in k for k in full["decoder"]):
             add_lora(decoder.transformer, self.hparams.lora)
         for name, module in (("encoder", encoder), ("connector", connector), ("decoder", decoder)):
-            for key, p in module.named_parameters():  # trained weights are float32 (configure_model): kept so
-                if key in full[name]:
-                    p.data = p.data.to(full[name][key].dtype)
             module.load_state_dict(full[name])
         save_weights(path, encoder, connector, decoder, self.encoder_lora)
 
