@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -57,3 +58,21 @@ def save_tiny_dinov2(path):
                              image_size=32, patch_size=8)).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+
+
+def _cluster_up() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A SLURM cluster that answers (slurm/local/start.sh; `.ci/run` starts one). Skipped without one, unless
+    UAE_REQUIRE_SLURM=1 (set by .ci/run), which turns the skip into a failure."""
+    if not _cluster_up():
+        if os.environ.get("UAE_REQUIRE_SLURM") == "1":
+            pytest.fail("UAE_REQUIRE_SLURM=1 but no SLURM cluster answers (bash slurm/local/start.sh; source its env)")
+        pytest.skip("no SLURM cluster (start one with: bash slurm/local/start.sh && source /tmp/uae-slurm/env)")

@@ -95,10 +95,19 @@ def test_paper_preset_prints_with_cfg_job():
 
 def test_run_names_are_deterministic_and_bounded():
     assert run_name("") == "default"
-    assert run_name("+experiment=toy_pretrain,seed=1") == "experiment=toy_pretrain,seed=1"
+    assert run_name("+experiment=toy_pretrain,seed=1") == "experiment-toy_pretrain+seed-1"
     long = ",".join(f"stages.pretrain.module.k{i}=v{i}" for i in range(20))
     assert run_name(long) == run_name(long) and len(run_name(long)) <= 96
     assert run_name(long) != run_name(long + "x")
+
+
+def test_a_path_into_a_run_is_an_unquoted_hydra_value(compose_config):
+    """The README's `init_from=runs/<name>/<stage>/weights.safetensors`, with the name a run really gets (old names
+    held `=` and `,`, which Hydra's override parser rejects unquoted)."""
+    name = run_name("+experiment=cold_start,data.manifest=/data/v1.2/train.jsonl,init_from=runs/a/b.safetensors,"
+                    "trainer.devices=8,stages.g4u.module.lr=1e-4")
+    path = f"runs/cold_start/{name}/cold_start/weights.safetensors"
+    assert compose_config([f"init_from={path}"]).init_from == path
 
 
 def _with_hydra(overrides):
@@ -148,3 +157,24 @@ def test_every_toy_stage_checkpoints_before_it_ends():
         assert cfg.stages[name].trainer.max_steps >= 2 * every, name
     paper = compose_cfg(["+experiment=u4g", "init_from=x", "data.manifest=y"])
     assert paper.stages.u4g.trainer.checkpoint_every_n_steps == 50
+
+
+def test_paper_presets_score_with_the_paper_reward():
+    for experiment in ("pretrain", "cold_start", "g4u", "u4g"):
+        cfg = compose_cfg([f"+experiment={experiment}", "data.manifest=x", "init_from=y"])
+        assert dict(cfg.reward.backbones) == {"clip": 1.0}, experiment
+
+
+@pytest.mark.parametrize("override, named", [
+    ("backbone_sources.clip={missing}", r"bench.backbones: backbone 'clip' cannot be loaded from .*missing.*backbone_sources.clip"),
+    ("model.encoder.pretrained={missing}", r"model.encoder.pretrained=.*missing.* cannot be loaded"),
+    ("model.decoder.pretrained={missing}", r"model.decoder.pretrained=.*missing.* cannot be loaded"),
+])
+def test_a_wrong_model_or_backbone_source_stops_the_run_before_any_stage(tmp_path, override, named):
+    """Checked before the first stage trains (not after it, when the in-run Unified-Bench first loads a backbone)."""
+    from uae_lightning.cli import run_pipeline
+
+    cfg = compose_cfg(["run=[pretrain]", "bench.backbones=[toy_pixels,clip]", override.format(missing=tmp_path / "missing")])
+    with pytest.raises(ConfigError, match=named):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "pretrain").exists()

@@ -55,3 +55,89 @@ def test_unknown_backbones_fail_with_the_accepted_forms():
         build_backbone("toy_pixelz")
     with pytest.raises(ValueError, match="Hugging Face id / local path"):
         build_backbone("/nonexistent/backbone")
+
+
+def openai_clip_image_features(sd: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's VisionTransformer.forward, written from its published structure with torch's own modules
+    (nn.MultiheadAttention holds q, k, v packed in in_proj, as the checkpoint does): an independent reference for the
+    LongCLIP conversion."""
+    from torch import nn
+
+    width = sd["visual.conv1.weight"].shape[0]
+    conv = nn.Conv2d(3, width, 14, 14, bias=False)
+    conv.weight.data = sd["visual.conv1.weight"]
+    x = conv(pixels).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
+
+    def ln(t, name):
+        return torch.nn.functional.layer_norm(t, (width,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-5)
+
+    x = ln(x, "visual.ln_pre")
+    i = 0
+    while f"visual.transformer.resblocks.{i}.ln_1.weight" in sd:
+        p = f"visual.transformer.resblocks.{i}."
+        attn = nn.MultiheadAttention(width, width // 64, batch_first=True)
+        attn.load_state_dict({k.removeprefix(p + "attn."): v for k, v in sd.items() if k.startswith(p + "attn.")})
+        h = ln(x, p + "ln_1")
+        x = x + attn(h, h, h, need_weights=False)[0]
+        h = ln(x, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"]
+        x = x + (h * torch.sigmoid(1.702 * h)) @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]  # QuickGELU
+        i += 1
+    return ln(x[:, 0], "visual.ln_post") @ sd["visual.proj"]
+
+
+def test_longclip_raw_checkpoint_converts_to_a_clip_model_with_the_same_features(tmp_path):
+    """LongCLIP-L ships a raw state dict in OpenAI layout (no config.json): the backbone converts it on load, and the
+    converted CLIPModel's image features equal OpenAI's forward on the raw tensors (a swapped q/k/v chunk, an
+    untransposed projection or a wrong activation moves them by ~1e-1)."""
+    from uae_lightning.rehearsal import openai_clip_state_dict, save_longclip
+
+    save_longclip(tmp_path / "LongCLIP-L")
+    sd = openai_clip_state_dict()
+    backbone = build_backbone(str(tmp_path / "LongCLIP-L"))
+    assert backbone.contrastive and backbone.preprocess.resize == ("shortest_edge", 224) and backbone.preprocess.crop == (224, 224)
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = backbone.model.get_image_features(pixel_values=pixels)
+        ours = ours if torch.is_tensor(ours) else ours.pooler_output
+        ref = openai_clip_image_features(sd, pixels)
+    assert ref.abs().mean() > 1e-2  # the comparison is not between two near-zero vectors
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
+    # The text tower: LongCLIP's 248 positions, the first 20 from CLIP's table and the rest from the interpolated one.
+    positions = backbone.model.text_model.embeddings.position_embedding.weight
+    assert torch.equal(positions[:20], sd["positional_embedding"][:20])
+    assert torch.equal(positions[20:], sd["positional_embedding_res"][20:])
+
+
+def test_each_backbone_sees_its_images_as_its_own_processor_prepares_them(tmp_path):
+    """DINOv2's processor resizes the short side to 256 and centre-crops 224; DINOv3's resizes to 224 x 224. The
+    differentiable torch preprocessing must give the processor's pixels (to 1e-5; measured: equal, as the processors
+    resize with the same antialiased torch interpolation); resizing DINOv2's input straight to 224, as the bench once
+    did, is off by 0.28 on average in normalised pixels."""
+    from transformers import AutoImageProcessor
+
+    from uae_lightning.rehearsal import save_dinov2, save_dinov3
+
+    img = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    smooth = torch.nn.functional.avg_pool2d(img, 5, 1, 2)
+    for save in (save_dinov2, save_dinov3):
+        path = save(tmp_path / save.__name__)
+        backbone, proc = build_backbone(str(path)), AutoImageProcessor.from_pretrained(path)
+        ref = proc(images=smooth, do_rescale=False, return_tensors="pt")["pixel_values"]
+        ours = backbone.preprocess(smooth)
+        assert ours.shape == ref.shape == (1, 3, 224, 224)
+        assert (ours - ref).abs().max() < 1e-5, save.__name__
+    straight = torch.nn.functional.interpolate(smooth, size=(224, 224), mode="bicubic", antialias=True)
+    dino2 = build_backbone(str(tmp_path / "save_dinov2"))
+    ref = AutoImageProcessor.from_pretrained(tmp_path / "save_dinov2")(images=smooth, do_rescale=False, return_tensors="pt")["pixel_values"]
+    assert ((straight - dino2.preprocess.mean) / dino2.preprocess.std - ref).abs().mean() > 0.1
+
+
+def test_a_backbone_path_may_contain_dots(tmp_path):
+    """Backbones given as local paths such as ~/.cache/... or /data/v1.2/clip (a ModuleDict key cannot hold a dot)."""
+    path = tmp_path / "v1.2" / ".cache" / "clip"
+    save_tiny_clip(path)
+    sim = Similarity({str(path): 1.0, "toy_pixels": 1.0})
+    a = torch.rand(2, 3, 32, 32)
+    assert set(sim.per_backbone(a, a)) == {str(path), "toy_pixels"}
+    assert torch.allclose(sim(a, a), torch.ones(2), atol=1e-5)

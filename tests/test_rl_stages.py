@@ -146,3 +146,31 @@ def test_u4g_trained_steps_fraction_and_window():
     assert make(num_steps=10, train_fraction=0.5, train_window=None).trained_steps() == list(range(5))
     assert make(num_steps=10, train_window=(2, 5)).trained_steps() == [2, 3, 4]
     assert make(num_steps=3, train_window=(0, 4)).trained_steps() == [0, 1, 2]  # stop capped at num_steps
+
+
+def test_u4g_gradient_checkpointing_recomputes_the_dit_blocks_with_the_same_gradients():
+    """stages.u4g.module.gradient_checkpointing (on in the paper preset): every DiT block goes through the
+    checkpoint function, and the LoRA gradients equal those without it."""
+    from omegaconf import OmegaConf
+
+    from uae_lightning.stages.u4g import U4G
+
+    cfg = compose_cfg()
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module).items() if k != "_target_"}
+    grads, calls = [], []
+    for on in (False, True):
+        stage = U4G(model=OmegaConf.to_container(cfg.model), resolution=32, **{**kw, "gradient_checkpointing": on})
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        stage.configure_model()
+        dit = stage.decoder.transformer
+        assert dit.is_gradient_checkpointing == on
+        if on:
+            inner = dit._gradient_checkpointing_func
+            dit._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or inner(*a, **k)
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(2, 3, 32, 32, generator=g)
+        cond = torch.randn(2, 5, dit.config.joint_attention_dim, generator=g)
+        stage.decoder.velocity(z, torch.tensor([0.7, 0.3]), cond, torch.ones(2, 5, dtype=torch.bool)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in dit.named_parameters() if p.requires_grad]))
+    assert len(calls) == cfg.model.decoder.tiny.num_layers
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -14,23 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
-
-def _cluster_up() -> bool:
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    if not _cluster_up():
-        if os.environ.get("UAE_REQUIRE_SLURM") == "1":
-            pytest.fail("UAE_REQUIRE_SLURM=1 but no SLURM cluster answers (bash slurm/local/start.sh; source its env)")
-        pytest.skip("no SLURM cluster (start one with: bash slurm/local/start.sh && source /tmp/uae-slurm/env)")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 
 # Tiny stages: every stage runs its real code for a few steps. One thread per process, so a job under SLURM and a

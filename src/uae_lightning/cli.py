@@ -38,7 +38,7 @@ from uae_lightning.callbacks.images import ImagePreview
 from uae_lightning.callbacks.preemption import Preemption, slurm_job_id
 from uae_lightning.checkpointing import AtomicCheckpointIO, remove_partial
 from uae_lightning.config import ConfigError, validate
-from uae_lightning.pipeline import UAEPipeline
+from uae_lightning.pipeline import UAEPipeline, bench_settings
 from uae_lightning.slurm import check_allocation, register_resolvers, slurm_nodes, slurm_tasks
 from uae_lightning.rewards.callback import RewardCallback
 from uae_lightning.stages.base import NonFiniteError
@@ -47,8 +47,10 @@ log = logging.getLogger("uae_lightning")
 
 
 def run_name(override_dirname: str) -> str:
-    """Directory name for a set of overrides: readable when short, hashed when long, "default" when empty."""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "-", override_dirname.replace("+", "")) or "default"
+    """Directory name for a set of overrides: readable when short, hashed when long, "default" when empty. `key=value`
+    becomes `key-value`, overrides are joined by `+`, and every other character outside [A-Za-z0-9_.-] becomes `-`, so a
+    path into a run is a plain Hydra value: `init_from=runs/<name>/<stage>/weights.safetensors` needs no quotes."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "-", override_dirname.replace("+", "").replace(",", "+")) or "default"
     if len(name) > 96:
         name = f"{name[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     return name
@@ -85,7 +87,7 @@ def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(_merged(cfg.trainer, cfg.stages[name].trainer))
     every = trainer_cfg.pop("checkpoint_every_n_steps")
     callbacks = [
-        RewardCallback(cfg.reward.backbones),
+        RewardCallback(cfg.reward.backbones, cfg.backbone_sources),
         ImagePreview(cfg.callbacks.preview_every_n_steps, cfg.callbacks.preview_images),
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=0),
     ]
@@ -175,13 +177,15 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     return {"metrics": metrics, "weights": str(weights)}
 
 
-def reference_images(cfg: DictConfig, folder: Path) -> Path:
-    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split written once as PNGs."""
+def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
+    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split written once as PNGs at the
+    bench resolution."""
     if cfg.bench.images:
         return Path(cfg.bench.images)
+    folder = folder / str(resolution)
     marker = folder / "complete"
     if not marker.exists():
-        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule = instantiate(cfg.data, resolution=resolution, _convert_="all")
         datamodule.setup("test")
         for i in range(len(datamodule.val_set)):
             item = datamodule.val_set[i]
@@ -194,14 +198,13 @@ def reference_images(cfg: DictConfig, folder: Path) -> Path:
 def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
     """Unified-Bench of a finished stage's weights (resumes if interrupted); returns its summary."""
     out = run_dir / name / "unified_bench"
-    b = cfg.bench
-    pipe = UAEPipeline.from_weights(weights, OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution,
-                                    num_steps=b.num_steps, max_new_tokens=b.max_new_tokens,
-                                    guidance_scale=b.guidance_scale, negative_prompt=b.negative_prompt)
+    settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), name)
+    pipe = UAEPipeline.from_bench_settings(weights, OmegaConf.to_container(cfg.model, resolve=True), settings)
     pipe.to("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    log.info("stage %s: Unified-Bench", name)
-    return run_bench(pipe, reference_images(cfg, run_dir / "bench_images"), out, list(b.backbones), b.batch_size,
-                     b.seed, progress=cfg.trainer.enable_progress_bar, fresh=True)
+    log.info("stage %s: Unified-Bench at %d px, %d steps, CFG %s", name, settings["resolution"],
+             settings["num_steps"], settings["guidance_scale"])
+    images = reference_images(cfg, run_dir / "bench_images", settings["resolution"])
+    return run_bench(pipe, images, out, progress=cfg.trainer.enable_progress_bar, fresh=True)
 
 
 def strict_json(value):
@@ -250,9 +253,48 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def check_sources(cfg: DictConfig) -> None:
+    """Before any stage trains: every pretrained model and backbone the run will use must be found and readable
+    (configs, processors, LongCLIP's state dict memory-mapped; weights load when each is used). A wrong id or path
+    stops the run now with the key that names it, not after a stage has trained."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoConfig, AutoProcessor
+
+    from uae_lightning.rewards.backbones import check_backbone
+
+    def check(key: str, value: str, load) -> None:
+        try:
+            load()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}={value!r} cannot be loaded ({e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0][:300]})") from e
+
+    enc, dec = cfg.model.encoder, cfg.model.decoder
+    if enc.pretrained:
+        check("model.encoder.pretrained", enc.pretrained, lambda: (AutoConfig.from_pretrained(enc.pretrained),
+                                                                    AutoProcessor.from_pretrained(enc.pretrained)))
+    if dec.pretrained:
+        parts = [(SD3Transformer2DModel, "transformer"), (FlowMatchEulerDiscreteScheduler, "scheduler")]
+        parts += [(AutoencoderKL, "vae")] if dec.vae else []
+        for cls, sub in parts:
+            check("model.decoder.pretrained", dec.pretrained, lambda: cls.load_config(dec.pretrained, subfolder=sub))
+        if dec.pooled == "sd3_empty_prompt":
+            for sub in ("text_encoder", "text_encoder_2"):
+                check("model.decoder.pretrained", dec.pretrained,
+                      lambda: AutoConfig.from_pretrained(dec.pretrained, subfolder=sub))
+    sources = OmegaConf.to_container(cfg.backbone_sources)
+    for key, names in (("reward.backbones", list(cfg.reward.backbones)), ("bench.backbones", list(cfg.bench.backbones))):
+        for name in names:
+            try:
+                check_backbone(name, sources)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}" + (f" (backbone_sources.{name})" if name in sources else "")) from e
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
     check_allocation(cfg)
+    check_sources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         return _run_stages(cfg, run_dir)

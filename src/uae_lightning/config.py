@@ -4,7 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from uae_lightning.models.build import DECODER_ARCHITECTURES, DTYPES, ENCODER_ARCHITECTURES
-from uae_lightning.models.encoder import CONDITIONING_MODES, PADDING_MODES
+from uae_lightning.models.encoder import CONDITIONING_MODES, PADDING_MODES, PROMPT_POSITIONS
 from uae_lightning.models.flow import SIGMA_SAMPLINGS, WEIGHTING_SCHEMES
 from uae_lightning.rewards.backbones import BACKBONES, PAPER_BACKBONES
 from uae_lightning.rl.flow_grpo import CONVENTIONS
@@ -70,6 +70,8 @@ def validate(cfg: DictConfig) -> None:
     b = cfg.bench
     for key in ("batch_size", "num_steps", "max_new_tokens"):
         _positive_int(b[key], f"bench.{key}")
+    if b.get("resolution") is not None:
+        _positive_int(b.resolution, "bench.resolution")
     _check(b.guidance_scale >= 1, "bench.guidance_scale", b.guidance_scale, "a number >= 1 (1: no guidance)")
     _check(len(b.backbones) > 0, "bench.backbones", list(b.backbones), "at least one backbone")
     for name in b.backbones:
@@ -77,6 +79,10 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     _one_of(m.condition_padding, PADDING_MODES, "model.condition_padding")
     _one_of(m.encoder.conditioning, CONDITIONING_MODES, "model.encoder.conditioning")
+    _one_of(m.encoder.prompt_position, PROMPT_POSITIONS, "model.encoder.prompt_position")
+    for key in ("min_pixels", "max_pixels"):
+        if m.encoder.get(key) is not None:
+            _positive_int(m.encoder[key], f"model.encoder.{key}")
     _one_of(m.encoder.dtype, DTYPES, "model.encoder.dtype")
     _one_of(m.decoder.dtype, DTYPES, "model.decoder.dtype")
     _positive(m.encoder.max_condition_tokens, "model.encoder.max_condition_tokens")

@@ -13,7 +13,8 @@ Export layout (each part loads with its library's own `from_pretrained`):
     encoder_adapter/  the captioner's LoRA as a peft adapter (adapter_config.json, adapter_model.safetensors)
     connector/        config.json + model.safetensors
     decoder/          a diffusers layout: transformer/, scheduler/, vae/ (latent decoders), pooled.pt
-    uae_pipeline.json resolution, sampling defaults, and the model settings that are not in the parts above
+    uae_pipeline.json resolution, sampling defaults, the run's Unified-Bench settings (`bench`), and the model
+                      settings that are not in the parts above
 
 The command line (`python -m uae_lightning.pipeline --help`) captions, generates, reconstructs and exports.
 """
@@ -66,10 +67,28 @@ def seed_for(key: str, seed: int) -> int:
     return (zlib.crc32(key.encode()) + seed * 1_000_003) % (2**63)
 
 
+def bench_settings(cfg, stage: str | None = None) -> dict:
+    """Everything a Unified-Bench score of a run depends on besides the weights, from the run's config: the `bench:`
+    group (steps, CFG, negative prompt, caption budget, seed, backbones) and where the backbones load from, at
+    `bench.resolution` (null: the resolution `stage` trained at). Saved with every bench result and export, so that
+    `bench run --model` re-scores a run or an export exactly as the run did."""
+    b = cfg["bench"]
+    data = dict(cfg["data"])
+    if stage is not None:
+        data.update((cfg["stages"][stage].get("data") or {}))
+    return {"resolution": b.get("resolution") or data["resolution"], "num_steps": b["num_steps"],
+            "guidance_scale": b["guidance_scale"], "negative_prompt": b["negative_prompt"],
+            "max_new_tokens": b["max_new_tokens"], "seed": b["seed"], "batch_size": b["batch_size"],
+            "backbones": list(b["backbones"]), "backbone_sources": dict(cfg.get("backbone_sources") or {})}
+
+
+PIPELINE_KEYS = ("num_steps", "max_new_tokens", "guidance_scale", "negative_prompt")
+
+
 class UAEPipeline(nn.Module):
     def __init__(self, encoder, connector, decoder, resolution: int, model_cfg: dict, num_steps: int = 28,
                  max_new_tokens: int = 512, guidance_scale: float = 1.0, negative_prompt: str = "",
-                 encoder_lora: dict | None = None):
+                 encoder_lora: dict | None = None, bench: dict | None = None):
         super().__init__()
         self.encoder, self.connector, self.decoder = encoder, connector, decoder
         self.resolution = resolution
@@ -78,7 +97,15 @@ class UAEPipeline(nn.Module):
         self.max_new_tokens = max_new_tokens
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.encoder_lora = encoder_lora
+        # The Unified-Bench settings of the run this came from (seed, batch_size, backbones, backbone_sources).
+        self.bench = dict(bench or {})
         self.eval().requires_grad_(False)
+
+    @classmethod
+    def from_bench_settings(cls, weights: str | Path, model_cfg: dict, settings: dict) -> "UAEPipeline":
+        """A stage's weights set up to sample as the run's Unified-Bench does (`bench_settings`)."""
+        return cls.from_weights(weights, model_cfg, settings["resolution"], bench=settings,
+                                **{k: settings[k] for k in PIPELINE_KEYS})
 
     # ---- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -105,7 +132,9 @@ class UAEPipeline(nn.Module):
         elif stage not in finished:
             raise FileNotFoundError(f"{run_dir}: stage {stage!r} has not finished; finished: {finished}")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        return cls.from_weights(run_dir / stage / "weights.safetensors", model_cfg, cfg.data.resolution, **kwargs)
+        settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), stage)
+        return cls.from_weights(run_dir / stage / "weights.safetensors", model_cfg, settings["resolution"],
+                                **{"bench": settings, **{k: settings[k] for k in PIPELINE_KEYS}, **kwargs})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "UAEPipeline":
@@ -133,8 +162,9 @@ class UAEPipeline(nn.Module):
             if missing:
                 raise RuntimeError(f"{adapter_dir}: adapter does not match the encoder (missing {missing[:5]})")
             lora = meta.get("encoder_lora")
-        defaults = {k: meta[k] for k in ("num_steps", "max_new_tokens", "guidance_scale", "negative_prompt")}
-        return cls(encoder, connector, decoder, meta["resolution"], cfg, encoder_lora=lora, **{**defaults, **kwargs})
+        defaults = {k: meta[k] for k in PIPELINE_KEYS}
+        return cls(encoder, connector, decoder, meta["resolution"], cfg, encoder_lora=lora,
+                   **{**defaults, "bench": meta.get("bench"), **kwargs})
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the export (layout in the module docstring); returns its directory."""
@@ -166,7 +196,7 @@ class UAEPipeline(nn.Module):
         cfg = json.loads(json.dumps(self.model_cfg))
         cfg["decoder"]["vae"] = self.decoder.vae is not None
         meta = {"resolution": self.resolution, "num_steps": self.num_steps, "max_new_tokens": self.max_new_tokens,
-                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "encoder_lora": self.encoder_lora, "model": cfg}
+                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "encoder_lora": self.encoder_lora, "bench": self.bench, "model": cfg}
         (path / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
         return path
 

@@ -28,15 +28,16 @@ def main(argv: list[str] | None = None) -> dict:
     r.add_argument("--stage", default=None, help="with a run directory: the stage (default: the last finished)")
     r.add_argument("--images", required=True, help="folder of reference images")
     r.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=None, help="default: the run's bench.seed (an export keeps it), else 0")
     s = sub.add_parser("score", help="score reconstructions made elsewhere against their originals")
     s.add_argument("--originals", required=True)
     s.add_argument("--reconstructions", required=True, help="same relative names as the originals (any suffix)")
     s.add_argument("--resolution", type=positive_int, default=512, help="both sides are centre-cropped and resized to this")
     for q in (r, s):
         q.add_argument("--out", required=True, help="output folder (results.jsonl, summary.json, results.md, grid.png)")
-        q.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES)
-        q.add_argument("--batch-size", type=positive_int, default=16)
+        q.add_argument("--backbones", nargs="+", default=None,
+                       help=f"default: the run's bench.backbones (an export keeps them), else {' '.join(DEFAULT_BACKBONES)}")
+        q.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's, else 16")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary = run_bench(pipe, args.images, args.out, args.backbones, args.batch_size, args.seed, args.steps)
         else:
             summary = score_folders(args.originals, args.reconstructions, args.out, args.backbones, args.resolution,
-                                    args.batch_size, args.device)
+                                    args.batch_size or 16, args.device)
     except (ValueError, FileNotFoundError) as err:  # a user's input: one line (exit 2), no traceback
         p.error(str(err))
     print(format_summary(summary) + f"\n\n{args.out}/summary.json")

@@ -36,11 +36,11 @@ RESULTS, SUMMARY = "results.jsonl", "summary.json"
 class Scorer:
     """Cosine similarity of original vs reconstruction under each backbone (same backbones as the rewards)."""
 
-    def __init__(self, backbones: list[str], device: str | torch.device = "cpu"):
+    def __init__(self, backbones: list[str], device: str | torch.device = "cpu", sources: dict[str, str] | None = None):
         if not backbones:
             raise ValueError("Unified-Bench needs at least one backbone")
         self.names = list(backbones)
-        self.similarity = Similarity({b: 1.0 for b in self.names}).to(device).eval()
+        self.similarity = Similarity({b: 1.0 for b in self.names}, sources).to(device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -146,21 +146,28 @@ def png_names(names: list[str]) -> dict[str, str]:
             for n in names}
 
 
-def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None, batch_size: int = 16,
-              seed: int = 0, num_steps: int | None = None, progress: bool = True, fresh: bool = False) -> dict:
-    """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images."""
+def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None,
+              batch_size: int | None = None, seed: int | None = None, num_steps: int | None = None,
+              progress: bool = True, fresh: bool = False) -> dict:
+    """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images. Backbones
+    (and where they load from), seed and batch size default to the settings of the run the pipeline came from
+    (`pipe.bench`), so a re-run reproduces the run's own score; then to the paper's four backbones, seed 0, 16."""
     from uae_lightning.pipeline import seed_for
 
     root, out = Path(images), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backbones = list(backbones or DEFAULT_BACKBONES)
-    scorer = Scorer(backbones, pipe.device)
+    own = getattr(pipe, "bench", {}) or {}
+    backbones = list(backbones or own.get("backbones") or DEFAULT_BACKBONES)
+    seed = own.get("seed", 0) if seed is None else seed
+    batch_size = batch_size or own.get("batch_size") or 16
+    sources = {k: v for k, v in (own.get("backbone_sources") or {}).items() if k in backbones}
+    scorer = Scorer(backbones, pipe.device, sources)
     files = list_images(root)
     if not files:
         raise FileNotFoundError(f"no images in {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
     settings = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution,
                 "guidance_scale": pipe.guidance_scale, "negative_prompt": pipe.negative_prompt,
-                "max_new_tokens": pipe.max_new_tokens, "backbones": backbones}
+                "max_new_tokens": pipe.max_new_tokens, "backbones": backbones, "backbone_sources": sources}
     results = Results(out, settings, fresh)
     png = png_names([str(f.relative_to(root)) for f in files])
     skipped: Counter = Counter()

@@ -85,7 +85,7 @@ def build_encoder(cfg: dict, resolution: int, condition_padding: str) -> Encoder
     dtype = _dtype(cfg["dtype"], "model.encoder.dtype")
     if cfg.get("pretrained"):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg["pretrained"], dtype=dtype)
-        processor = AutoProcessor.from_pretrained(cfg["pretrained"], **cfg.get("processor_kwargs", {}))
+        processor = AutoProcessor.from_pretrained(cfg["pretrained"])
     elif cfg["architecture"] == "toy":
         tiny = cfg["tiny"]
         processor = build_toy_processor(resolution, tiny["patch_size"], tiny["merge_size"])
@@ -96,10 +96,24 @@ def build_encoder(cfg: dict, resolution: int, condition_padding: str) -> Encoder
     else:
         raise ValueError(f"model.encoder.architecture={cfg['architecture']!r}; expected one of {ENCODER_ARCHITECTURES}")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    set_image_budget(processor, cfg.get("min_pixels"), cfg.get("max_pixels"))
     return Encoder(
         model, processor, prompt=cfg["prompt"], generate_role=cfg["generate_role"], conditioning=cfg["conditioning"],
         condition_padding=condition_padding, max_condition_tokens=cfg["max_condition_tokens"],
+        prompt_position=cfg.get("prompt_position", "after_image"), generation_prompt=cfg.get("generation_prompt", False),
     )
+
+
+def set_image_budget(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """The captioner's image budget. Set on the loaded image processor, since a `min_pixels` / `max_pixels` in the
+    checkpoint's preprocessor_config.json wins over a `size` passed to `from_pretrained`."""
+    if min_pixels is None and max_pixels is None:
+        return
+    size = dict(processor.image_processor.size)
+    size = {"shortest_edge": min_pixels or size.get("shortest_edge"), "longest_edge": max_pixels or size.get("longest_edge")}
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ValueError(f"model.encoder.min_pixels={size['shortest_edge']} > max_pixels={size['longest_edge']}")
+    processor.image_processor.size = size
 
 
 def _pooled(cfg: dict, dim: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from uae_lightning.models.fsdp import gathered
 
 CONDITIONING_MODES = ("text", "in_context")
 PADDING_MODES = ("mask", "pad")
+PROMPT_POSITIONS = ("after_image", "before_image")
 
 
 @dataclass
@@ -40,8 +41,12 @@ class Encoder(nn.Module):
         conditioning: str = "text",
         condition_padding: str = "mask",
         max_condition_tokens: int = 512,
+        prompt_position: str = "after_image",
+        generation_prompt: bool = False,
     ):
         super().__init__()
+        if prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(f"model.encoder.prompt_position={prompt_position!r}; expected one of {PROMPT_POSITIONS}")
         if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"model.encoder.conditioning={conditioning!r}; expected one of {CONDITIONING_MODES}")
         if condition_padding not in PADDING_MODES:
@@ -53,6 +58,8 @@ class Encoder(nn.Module):
         self.conditioning = conditioning
         self.condition_padding = condition_padding
         self.max_condition_tokens = max_condition_tokens
+        self.prompt_position = prompt_position
+        self.generation_prompt = generation_prompt
         # Vision placeholders are never part of a caption: the policy cannot sample them (and its log-probs, below,
         # are those of the same restricted distribution).
         cfg = model.config
@@ -78,12 +85,19 @@ class Encoder(nn.Module):
     def _images_for_processor(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [(img.clamp(0, 1) * 255).round().to(torch.uint8).cpu() for img in images]
 
+    def caption_prompt(self) -> str:
+        """The captioning chat turn, rendered: one user message holding the image and the prompt text (in
+        `prompt_position` order; the official UAE inference puts the text first), then the opened assistant turn."""
+        image, text = {"type": "image"}, {"type": "text", "text": self.prompt}
+        content = [image, text] if self.prompt_position == "after_image" else [text, image]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+
     def caption_inputs(self, images: torch.Tensor) -> dict:
         """Processor inputs for the captioning prompt of a batch of images (float [B,3,H,W] in [0,1])."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(
-            text=[text] * len(images), images=self._images_for_processor(images), return_tensors="pt", padding=True
+            text=[self.caption_prompt()] * len(images), images=self._images_for_processor(images), return_tensors="pt",
+            padding=True,
         )
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
@@ -131,7 +145,10 @@ class Encoder(nn.Module):
         inputs.pop("input_ids")
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], 1)
-        logits = self.model(input_ids=captions.sequences, attention_mask=attention, **inputs).logits[:, p - 1 : -1]
+        # The output head runs on the completion positions only (the prompt holds the image tokens: at paper scale
+        # hundreds of positions x a 152k vocabulary of logits that nothing reads).
+        logits = self.model(input_ids=captions.sequences, attention_mask=attention, **inputs,
+                            logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
         logits = logits.index_fill(-1, torch.tensor(self.suppressed_ids, device=logits.device), float("-inf"))
         return token_logprobs(logits, completion, temperature)
 
@@ -148,8 +165,11 @@ class Encoder(nn.Module):
 
     # ---- conditioning: text -> decoder input ---------------------------------------------------------------------
     def generate_message(self, text: str) -> str:
+        """The text-only conditioning message (role `generate_role`), rendered; with `generation_prompt` it ends with
+        the opened assistant turn, as the official UAE inference renders it (add_generation_prompt=True)."""
         return self.processor.apply_chat_template(
-            [{"role": self.generate_role, "content": [{"type": "text", "text": text}]}], tokenize=False
+            [{"role": self.generate_role, "content": [{"type": "text", "text": text}]}], tokenize=False,
+            add_generation_prompt=self.generation_prompt,
         )
 
     def condition(self, texts: list[str], images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

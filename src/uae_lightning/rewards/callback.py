@@ -10,9 +10,9 @@ from uae_lightning.rewards.backbones import Similarity
 
 
 class RewardCallback(L.Callback):
-    def __init__(self, backbones: dict[str, float]):
+    def __init__(self, backbones: dict[str, float], sources: dict[str, str] | None = None):
         super().__init__()
-        self.similarity = Similarity(dict(backbones))
+        self.similarity = Similarity(dict(backbones), dict(sources or {}))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.similarity.to(pl_module.device).eval()

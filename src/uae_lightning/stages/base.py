@@ -50,6 +50,9 @@ class UAEStage(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.encoder_lora: dict | None = None  # config of the captioner's LoRA adapter, when the encoder has one
+        # Every LoRA adapter on the models, {"encoder" | "decoder": config}: a sharded model is rebuilt from these to
+        # hold its gathered weights (save_weights).
+        self.adapters: dict[str, dict] = {}
         self.report_before = False  # stages that improve an existing auto-encoder report metrics before and after
         # RL stages sample captions and SDE noise per rank: each rank gets its own random stream (seeded from the run
         # seed and its rank, as TRL's device-specific seeds) so ranks do not draw the same samples. Stage 1 keeps
@@ -89,7 +92,7 @@ class UAEStage(L.LightningModule):
         keeps training, and "adapter disabled" still means the model before any captioner RL."""
         if self.encoder_lora is None:
             add_lora(self.encoder.model, lora)
-            self.encoder_lora = dict(lora)
+            self.encoder_lora = self.adapters["encoder"] = dict(lora)
         for n, p in self.encoder.model.named_parameters():
             p.requires_grad_("lora_" in n)
 
@@ -99,6 +102,7 @@ class UAEStage(L.LightningModule):
         transformer = self.decoder.transformer
         if lora:
             add_lora(transformer, lora)  # the base weights stay frozen
+            self.adapters["decoder"] = dict(lora)
         else:
             transformer.requires_grad_(True)
         if gradient_checkpointing:
@@ -115,16 +119,18 @@ class UAEStage(L.LightningModule):
         if self.global_rank != 0:
             return
         encoder, connector, decoder = build_autoencoder(self.model_cfg, self.resolution)
-        if self.encoder_lora is not None:
-            add_lora(encoder.model, self.encoder_lora)
-        if any("lora_" in k for k in full["decoder"]):
-            add_lora(decoder.transformer, self.hparams.lora)
+        if "encoder" in self.adapters:
+            add_lora(encoder.model, self.adapters["encoder"])
+        if "decoder" in self.adapters:
+            add_lora(decoder.transformer, self.adapters["decoder"])
         for name, module in (("encoder", encoder), ("connector", connector), ("decoder", decoder)):
             module.load_state_dict(full[name])
         save_weights(path, encoder, connector, decoder, self.encoder_lora)
 
     def load_weights(self, path: str | Path) -> None:
         self.encoder_lora = load_weights(path, self.encoder, self.connector, self.decoder)
+        if self.encoder_lora is not None:
+            self.adapters["encoder"] = dict(self.encoder_lora)
 
     def configure_optimizers(self):
         """AdamW on whatever `configure_trainable` unfroze, linear warm-up then constant (hparams lr, weight_decay,

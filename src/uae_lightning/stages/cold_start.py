@@ -52,6 +52,7 @@ class ColdStart(UAEStage):
                                  "(from init_from); a second adapter on the conditioning path is not supported")
 
             add_lora(self.encoder.model, self.hparams.encoder_lora)
+            self.adapters["encoder"] = dict(self.hparams.encoder_lora)
 
     def training_step(self, batch: dict, batch_idx: int):
         if not self.count_data(batch):

@@ -49,6 +49,7 @@ class U4G(UAEStage):
         micro_batch_size: int = 16,
         max_grad_norm: float = 1.0,
         lora: dict | None = None,
+        gradient_checkpointing: bool = False,
         max_nonfinite_in_a_row: int = 5,
         eval_steps: int = 10,
         eval_guidance_scale: float = 1.0,
@@ -68,7 +69,7 @@ class U4G(UAEStage):
     def configure_trainable(self) -> None:
         if not self.hparams.lora:
             raise ValueError("stages.u4g.module.lora is required: the reference policy is the DiT with its LoRA disabled")
-        self.train_decoder(self.hparams.lora, gradient_checkpointing=False)
+        self.train_decoder(self.hparams.lora, gradient_checkpointing=self.hparams.gradient_checkpointing)
         self.connector.requires_grad_(False)  # only the DiT's adapter is the policy
 
     def trained_steps(self) -> list[int]:

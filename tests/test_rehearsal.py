@@ -1,0 +1,210 @@
+"""Paper-scale dress rehearsal: README's paper-scale block, run as it stands under the local SLURM on tiny random
+checkpoints in the real on-disk formats (uae_lightning.rehearsal), with only paths, sizes and steps overridden (and the
+CPU stand-ins for the GPUs: trainer.accelerator=cpu, gloo, 2 devices). Four stages on 2 FSDP2 ranks in the presets'
+bf16 precision, then `bench run` and the export, then a reload of the export with transformers', peft's and
+diffusers' own classes.
+
+Also here: the official UAE inference strings, rendered by the real chat template, against the release's.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+OFFICIAL_PROMPT = ("You are an expert vision-language model.  \nYour task is: Given an input image, generate a "
+                   "**textual description** of the image. If there is text in the image, transcribe it inside double "
+                   "quotes \"\".  \nNow, carefully analyze the input image and output the full description. ")
+OFFICIAL_NEGATIVE = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    from uae_lightning.rehearsal import write_fixture
+
+    root = tmp_path_factory.mktemp("fixture")
+    return root, write_fixture(root)
+
+
+def readme_block() -> str:
+    text = README.read_text()
+    block = re.search(r"<!-- rehearsal:.*?-->\s*```bash\n(.*?)```\s*<!-- /rehearsal -->", text, re.S)
+    assert block, "README.md has no rehearsal block"
+    return block.group(1)
+
+
+def stage_overrides(paths: dict) -> dict[str, list[str]]:
+    """Paths to the fixture, and sizes and steps small enough for CPUs; nothing else differs from the presets."""
+    common = [f"model.encoder.pretrained={paths['Qwen/Qwen2.5-VL-3B-Instruct']}",
+              f"model.decoder.pretrained={paths['stabilityai/stable-diffusion-3.5-large']}",
+              f"backbone_sources.clip={paths['openai/clip-vit-large-patch14']}",
+              f"backbone_sources.dinov2={paths['facebook/dinov2-large']}",
+              f"backbone_sources.dinov3={paths['facebook/dinov3-vitl16-pretrain-lvd1689m']}",
+              f"backbone_sources.longclip={paths['BeichenZhang/LongCLIP-L']}",
+              "data.resolution=64", "bench.resolution=64", "data.val_fraction=0.2", "data.batch_size=2",
+              "data.eval_batch_size=4", "data.num_workers=0", "bench.batch_size=4", "bench.num_steps=2",
+              "bench.max_new_tokens=8", "trainer.enable_progress_bar=false"]
+    per_stage = {
+        "pretrain": ["stages.pretrain.module.eval_steps=2"],
+        "cold_start": ["stages.cold_start.module.num_steps=2", "stages.cold_start.data.batch_size=2"],
+        "g4u": ["stages.g4u.module.decode_steps=2", "stages.g4u.module.group_size=2", "stages.g4u.data.batch_size=2",
+                "stages.g4u.data.resolution=64"],
+        "u4g": ["stages.u4g.module.num_steps=2", "stages.u4g.module.group_size=2", "stages.u4g.data.batch_size=2",
+                "stages.u4g.data.resolution=64"],
+    }
+    out = {}
+    for stage, extra in per_stage.items():
+        steps = [f"stages.{stage}.trainer.max_steps=2", f"stages.{stage}.module.eval_steps=2"]
+        if stage != "pretrain":
+            steps.append(f"stages.{stage}.module.max_new_tokens=8")
+        out[stage] = [*common, *steps, *extra]
+    return out
+
+
+def rehearsal_script(paths: dict) -> str:
+    """The README block with the fixture's paths and sizes: the data path replaced, GPUs replaced by 2 CPU processes,
+    the size/step overrides appended to each stage command."""
+    script = readme_block()
+    script = script.replace("/data/long_captions/train.jsonl", str(paths["manifest"]))
+    script = script.replace("trainer.accelerator=gpu trainer.devices=8",
+                            "trainer.accelerator=cpu trainer.devices=2 strategy.process_group_backend=gloo")
+    script = script.replace("bench_images/1024", "bench_images/64")
+    overrides = stage_overrides(paths)
+    lines = []
+    for line in script.splitlines():
+        m = re.match(r"python -m uae_lightning \+experiment=(\w+) ", line)
+        if m:
+            line = line.split("#")[0].rstrip() + " " + " ".join(overrides[m.group(1)])
+        lines.append(line)
+    return "set -euo pipefail\n" + "\n".join(lines) + "\n"
+
+
+def test_the_fixture_is_in_the_real_formats(fixture_dir):
+    """Each checkpoint loads through its library's own entry point with the real ids and settings."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import AutoImageProcessor, AutoProcessor, GenerationConfig
+
+    root, paths = fixture_dir
+    qwen = paths["Qwen/Qwen2.5-VL-3B-Instruct"]
+    proc = AutoProcessor.from_pretrained(qwen)
+    tok = proc.tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>")] \
+        == [151643, 151644, 151645, 151655]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    g = GenerationConfig.from_pretrained(qwen)
+    assert (g.repetition_penalty, g.temperature, g.top_k, g.top_p, g.eos_token_id) == (1.05, 0.1, 1, 0.001, [151645, 151643])
+    assert json.loads((qwen / "config.json").read_text())["dtype"] == "bfloat16"
+    pipe = StableDiffusion3Pipeline.from_pretrained(paths["stabilityai/stable-diffusion-3.5-large"],
+                                                    text_encoder_3=None, tokenizer_3=None)
+    assert pipe.scheduler.config.shift == 3.0 and pipe.vae.config.latent_channels == 16
+    assert pipe.transformer.config.pooled_projection_dim == (pipe.text_encoder.config.projection_dim
+                                                             + pipe.text_encoder_2.config.projection_dim)
+    dino = AutoImageProcessor.from_pretrained(paths["facebook/dinov2-large"])
+    assert dino.size["shortest_edge"] == 256 and dino.crop_size["height"] == 224
+    longclip = paths["BeichenZhang/LongCLIP-L"]
+    assert not (longclip / "config.json").exists()
+    sd = torch.load(longclip / "longclip-L.pt", weights_only=True)
+    assert sd["positional_embedding"].shape[0] == 248 and "visual.conv1.weight" in sd
+
+
+def test_official_inference_strings_are_rendered_as_the_release_renders_them(fixture_dir):
+    """The paper presets' captioning turn and conditioning message, through Qwen's real chat template: the release's
+    prompt (two spaces before each newline, a trailing space), text before the image, the assistant turn opened; the
+    conditioning message ends with the opened assistant turn too (add_generation_prompt=True)."""
+    from omegaconf import OmegaConf
+
+    from uae_lightning.models.build import build_encoder
+
+    _, paths = fixture_dir
+    cfg = compose_cfg(["+experiment=u4g", "init_from=x", "data.manifest=y"])
+    assert cfg.model.encoder.prompt == OFFICIAL_PROMPT
+    assert cfg.bench.negative_prompt == OFFICIAL_NEGATIVE and cfg.stages.u4g.module.eval_guidance_scale == 5.0
+    assert (cfg.bench.resolution, cfg.bench.num_steps, cfg.bench.guidance_scale) == (1024, 40, 5.0)
+    enc_cfg = {**OmegaConf.to_container(cfg.model.encoder, resolve=True),
+               "pretrained": str(paths["Qwen/Qwen2.5-VL-3B-Instruct"])}
+    enc = build_encoder(enc_cfg, 64, "mask")
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert enc.caption_prompt() == (system + "<|im_start|>user\n" + OFFICIAL_PROMPT
+                                    + "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+    assert enc.generate_message("a red circle") == (system + "<|im_start|>generate\na red circle<|im_end|>\n"
+                                                   "<|im_start|>assistant\n")
+    # The preset's image budget (max 65536 pixels) wins over the checkpoint's 12845056: a 1024^2 image is scaled by
+    # 1/4 and floored to a multiple of 28 = 252 px, 18 patches of 14, 9 merged tokens a side (12845056: 37 a side).
+    inputs = enc.caption_inputs(torch.rand(1, 3, 1024, 1024))
+    assert int((inputs["input_ids"] == 151655).sum()) == 9 * 9
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("slurm_cluster")
+def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir, tmp_path):
+    _, paths = fixture_dir
+    script = rehearsal_script(paths)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+
+    runs = tmp_path / "runs"
+    for stage in ("pretrain", "cold_start", "g4u", "u4g"):
+        [run] = [p.parent.parent for p in runs.glob(f"{stage}/*/{stage}/done.json")]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["unified_bench"][stage] is not None
+        ckpt = run / stage / "checkpoints" / "last.ckpt"
+        assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # sharded over 2 FSDP2 ranks
+        logs = "".join(p.read_text() for p in (run.parent / ".submitit").rglob("*_log.err"))
+        assert "MEMBER: 2/2" in logs  # one SLURM job, two tasks = two ranks
+    # `bench run --model <run>` used the run's own bench settings (backbones and their sources, resolution, steps,
+    # CFG, seed) and reproduced its score.
+    rerun = json.loads((tmp_path / "bench" / "u4g" / "summary.json").read_text())
+    inrun = json.loads((run / "u4g" / "unified_bench" / "summary.json").read_text())
+    assert set(rerun["backbones"]) == {"clip", "dinov2", "dinov3", "longclip"} and rerun["images"] == inrun["images"]
+    assert rerun["overall"] == pytest.approx(inrun["overall"], rel=1e-6)
+    assert (rerun["resolution"], rerun["num_steps"]) == (64, 2)
+
+    # The export reloads with the libraries' own classes into the same captions and images for the same seeds.
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from uae_lightning.models.connector import Connector
+    from uae_lightning.models.decoder import Decoder
+    from uae_lightning.models.encoder import Encoder
+    from uae_lightning.pipeline import UAEPipeline, redraw
+
+    export = tmp_path / "exports" / "uae"
+    meta = json.loads((export / "uae_pipeline.json").read_text())
+    assert meta["bench"]["backbones"] == ["clip", "dinov2", "dinov3", "longclip"] and meta["resolution"] == 64
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(export / "encoder", dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, export / "encoder_adapter").get_base_model()
+    e = meta["model"]["encoder"]
+    encoder = Encoder(model, AutoProcessor.from_pretrained(export / "encoder"), prompt=e["prompt"],
+                      generate_role=e["generate_role"], prompt_position=e["prompt_position"],
+                      generation_prompt=e["generation_prompt"], max_condition_tokens=e["max_condition_tokens"])
+    c = json.loads((export / "connector" / "config.json").read_text())
+    connector = Connector(c["in_dim"], c["out_dim"], c["hidden_multiplier"])
+    connector.load_state_dict(load_file(export / "connector" / "model.safetensors"))
+    d = export / "decoder"
+    decoder = Decoder(SD3Transformer2DModel.from_pretrained(d / "transformer", torch_dtype=torch.bfloat16),
+                      FlowMatchEulerDiscreteScheduler.from_pretrained(d / "scheduler"),
+                      AutoencoderKL.from_pretrained(d / "vae", torch_dtype=torch.bfloat16), torch.load(d / "pooled.pt"))
+    assert decoder.scheduler.config.shift == 3.0
+    ours = UAEPipeline.from_run(run)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for seed in (0, 1):  # sampled captions (the random tiny model's greedy ones are only whitespace)
+        torch.manual_seed(seed)
+        a = encoder.caption(images, do_sample=True, temperature=0.7, max_new_tokens=8).texts
+        torch.manual_seed(seed)
+        b = ours.encoder.caption(images, do_sample=True, temperature=0.7, max_new_tokens=8).texts
+        assert a == b and any(a)
+    texts = ["a large red circle", OFFICIAL_NEGATIVE[:20]]
+    reloaded = redraw(encoder, connector, decoder, texts, ours.noise([3, 4]), meta["num_steps"],
+                      meta["guidance_scale"], meta["negative_prompt"])
+    assert torch.equal(reloaded, ours.generate(texts, [3, 4]))
