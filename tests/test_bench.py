@@ -189,3 +189,22 @@ def test_non_finite_reconstructions_are_skipped_not_scored_as_black(references, 
         next(broken.decoder.transformer.parameters()).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="nonfinite_reconstruction"):
         run_bench(broken, references, tmp_path / "out", TOY_BACKBONES, batch_size=4, progress=False)
+
+
+def test_rows_left_by_an_interrupted_sharded_bench_are_kept(pipe, references, tmp_path, monkeypatch):
+    """A sharded bench killed before rank 0 merged: the other ranks' rows (results.jsonl.rank<r>, one cut short) join
+    the finished ones on resume and are not redrawn; the scores equal an uninterrupted run's."""
+    full = run_bench(pipe, references, tmp_path / "full", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    out = tmp_path / "resumed"
+    run_bench(pipe, references, out, TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    (out / "results.jsonl.rank1").write_text("\n".join(rows[3:7]) + "\n" + rows[7][:20])  # the last line cut short
+    redrawn = []
+    original = UAEPipeline.reconstruct
+    monkeypatch.setattr(UAEPipeline, "reconstruct", lambda self, images, *a, **k: redrawn.append(len(images))
+                        or original(self, images, *a, **k))
+    resumed = run_bench(pipe, references, out, TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    assert sum(redrawn) == 3  # images 7, 8, 9
+    assert resumed["backbones"] == full["backbones"] and resumed["images"] == 10
+    assert not list(out.glob("results.jsonl.rank*"))

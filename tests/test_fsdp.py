@@ -44,6 +44,15 @@ def test_two_fsdp2_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     b = load_file(tmp_path / "one" / "run" / "pretrain" / "weights.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Unified-Bench is split over the ranks (4 of the 8 held-out images each) and scores what one process scores
+    # (the weights above differ by ~1e-7; 1e-4 relative on the overall score).
+    counts = [json.loads((tmp_path / "two" / f"bench_rank{r}.json").read_text())["images"] for r in (0, 1)]
+    assert counts == [4, 4] and json.loads((tmp_path / "one" / "bench_rank0.json").read_text())["images"] == 8
+    bench = [json.loads((tmp_path / d / "run" / "pretrain" / "unified_bench" / "summary.json").read_text())
+             for d in ("two", "one")]
+    assert (bench[0]["processes"], bench[1]["processes"], bench[0]["images"]) == (2, 1, 8)
+    assert bench[0]["overall"] == pytest.approx(bench[1]["overall"], rel=1e-4)
+    assert not list((tmp_path / "two" / "run" / "pretrain" / "unified_bench").glob("results.jsonl.rank*"))
 
 
 def test_every_stage_trains_under_fsdp2_in_the_paper_precision_and_exports(tmp_path):

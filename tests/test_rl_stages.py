@@ -174,3 +174,31 @@ def test_u4g_gradient_checkpointing_recomputes_the_dit_blocks_with_the_same_grad
         grads.append(torch.cat([p.grad.flatten() for n, p in dit.named_parameters() if p.requires_grad]))
     assert len(calls) == cfg.model.decoder.tiny.num_layers
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("num_iterations, kl_beta, passes", [(1, 0.0, 1), (1, 0.04, 2), (2, 0.0, 3)])
+def test_g4u_makes_one_policy_pass_per_micro_batch_when_on_policy(tmp_path, monkeypatch, num_iterations, kl_beta, passes):
+    """Forward passes of the encoder over the rollout per G4U rollout batch: with num_iterations 1 the update's own
+    log-probs are the old ones (one pass per micro-batch, plus one reference pass when the KL is on); with 2 the
+    sampling policy's log-probs are stored first (1 + 2 passes). 3 images x group 2 = 6 sequences, micro-batches of
+    4 -> 2 slices."""
+    from uae_lightning.models.encoder import Encoder
+
+    calls, per_step = [], []
+    original_logprobs, original_step = Encoder.completion_logprobs, G4U.training_step
+
+    def count(self, captions, temperature):
+        calls.append(len(captions.texts))
+        return original_logprobs(self, captions, temperature)
+
+    def step(self, batch, batch_idx):
+        calls.clear()
+        original_step(self, batch, batch_idx)
+        per_step.append(list(calls))
+
+    monkeypatch.setattr(Encoder, "completion_logprobs", count)
+    monkeypatch.setattr(G4U, "training_step", step)
+    cfg = compose_cfg([*G4U_FAST, f"stages.g4u.trainer.max_steps={num_iterations}", f"stages.g4u.module.kl_beta={kl_beta}",
+                       f"stages.g4u.module.num_iterations={num_iterations}"])
+    run_pipeline(cfg, tmp_path)
+    assert per_step == [[4, 2] * passes]

@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from uae_lightning.bench.core import run_bench
+from uae_lightning.bench.core import barrier, run_bench
 from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks.images import ImagePreview
 from uae_lightning.callbacks.preemption import Preemption, slurm_job_id
@@ -178,13 +178,13 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
 
 
 def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
-    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split written once as PNGs at the
-    bench resolution."""
+    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split written once (by rank 0) as PNGs
+    at the bench resolution."""
     if cfg.bench.images:
         return Path(cfg.bench.images)
     folder = folder / str(resolution)
     marker = folder / "complete"
-    if not marker.exists():
+    if not marker.exists() and rank_zero_only.rank == 0:
         datamodule = instantiate(cfg.data, resolution=resolution, _convert_="all")
         datamodule.setup("test")
         for i in range(len(datamodule.val_set)):
@@ -196,7 +196,10 @@ def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
 
 
 def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
-    """Unified-Bench of a finished stage's weights (resumes if interrupted); returns its summary."""
+    """Unified-Bench of a finished stage's weights (resumes if interrupted); returns its summary. Every rank of the
+    run takes part: the images are split over the ranks (bench.core.run_bench), each holding a full copy of the
+    models, so no rank idles in a collective while one redraws the whole set."""
+    barrier()  # rank 0 has written weights.safetensors
     out = run_dir / name / "unified_bench"
     settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), name)
     pipe = UAEPipeline.from_bench_settings(weights, OmegaConf.to_container(cfg.model, resolve=True), settings)
@@ -204,6 +207,7 @@ def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict
     log.info("stage %s: Unified-Bench at %d px, %d steps, CFG %s", name, settings["resolution"],
              settings["num_steps"], settings["guidance_scale"])
     images = reference_images(cfg, run_dir / "bench_images", settings["resolution"])
+    barrier()  # ... and the reference images
     return run_bench(pipe, images, out, progress=cfg.trainer.enable_progress_bar, fresh=True)
 
 
@@ -308,8 +312,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         result = run_stage(cfg, name, index, run_dir / name, init_from)
         summary["stages"][name] = result["metrics"]
         init_from = result["weights"]
-        if rank_zero_only.rank == 0:
-            summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
+        summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
     if rank_zero_only.rank != 0:
         return summary
     path = run_dir / "summary.json"

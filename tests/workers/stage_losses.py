@@ -5,7 +5,7 @@ consuming the stream).
     python tests/workers/stage_losses.py OUT_DIR [hydra overrides...]
 
 Lightning re-launches this script for ranks > 0 (strategy fsdp2, trainer.devices=N); each rank writes
-OUT_DIR/<stage>_rank<r>.json.
+OUT_DIR/<stage>_rank<r>.json, and OUT_DIR/bench_rank<r>.json with the number of images it redrew for Unified-Bench.
 """
 import json
 import sys
@@ -49,7 +49,20 @@ def main() -> None:
         return trainer
 
     cli.build_trainer = build_with_recorder
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from uae_lightning.pipeline import UAEPipeline
+
+    redrawn = []
+    reconstruct = UAEPipeline.reconstruct
+
+    def counted(self, images, *args, **kwargs):
+        redrawn.append(len(images))
+        return reconstruct(self, images, *args, **kwargs)
+
+    UAEPipeline.reconstruct = counted
     cli.run_pipeline(compose_cfg(overrides), out / "run")
+    (out / f"bench_rank{rank_zero_only.rank}.json").write_text(json.dumps({"images": sum(redrawn)}))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,18 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.from_numpy(to_uint8(img)).permute(2, 0, 1).float() / 255.0 for img in images])
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if process_group()[1] > 1:
+        torch.distributed.barrier()
+
+
 class Results:
     """results.jsonl: the finished images (read back on resume) and one appended line per newly finished image.
 
@@ -64,27 +76,28 @@ class Results:
     def __init__(self, out: Path, settings: dict, fresh: bool = False):
         self.path = out / RESULTS
         self.rows: dict[str, dict] = {}
+        self.out = out
         settings_file = out / "settings.json"
         settings = json.loads(json.dumps(settings))  # as it reads back
         old = json.loads(settings_file.read_text()) if settings_file.is_file() else None
-        if old is not None and old != settings and self.path.is_file():
+        if old is not None and old != settings and (self.path.is_file() or any(out.glob(RESULTS + ".rank*"))):
             changed = {k: (old.get(k), settings.get(k)) for k in sorted({*old, *settings}) if old.get(k) != settings.get(k)}
             if not fresh:
                 raise ValueError(f"{out} holds results made with other settings ({changed}): give another output "
                                  f"folder or delete {self.path}")
             log.warning("Unified-Bench: %s was made with other settings (%s); starting afresh", out, changed)
-            self.path.unlink()
+            self.path.unlink(missing_ok=True)
+            for left in out.glob(RESULTS + ".rank*"):
+                left.unlink()
         settings_file.write_text(json.dumps(settings, indent=2))
-        if self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            for line in lines:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: that image is redone
-                    continue
-                self.rows[row["image"]] = row
-            # Rewrite without any partial line, so appends start on a clean line.
-            self._rewrite()
+        # Rows of an interrupted sharded bench (one file per rank) join the finished ones.
+        for path in [self.path, *sorted(out.glob(RESULTS + ".rank*"))]:
+            if path.is_file():
+                self.rows.update(read_rows(path))
+        if self.rows:
+            self._rewrite()  # without any partial line, so appends start on a clean line
+        for left in out.glob(RESULTS + ".rank*"):
+            left.unlink()
 
     def _rewrite(self) -> None:
         tmp = self.path.with_name(RESULTS + ".tmp")
@@ -93,10 +106,25 @@ class Results:
 
     def add(self, row: dict) -> None:
         self.rows[row["image"]] = row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_row(self.path, row)
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: that image is redone
+            continue
+        rows[row["image"]] = row
+    return rows
 
 
 def summarise(rows: list[dict], backbones: list[str], skipped: Counter, out: Path, meta: dict) -> dict:
@@ -151,7 +179,12 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
               progress: bool = True, fresh: bool = False) -> dict:
     """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images. Backbones
     (and where they load from), seed and batch size default to the settings of the run the pipeline came from
-    (`pipe.bench`), so a re-run reproduces the run's own score; then to the paper's four backbones, seed 0, 16."""
+    (`pipe.bench`), so a re-run reproduces the run's own score; then to the paper's four backbones, seed 0, 16.
+
+    Called by every process of a process group (the training run's ranks), the images are split over the ranks:
+    rank r redraws every world-th image still to do and appends its rows to its own file; rank 0 merges them and
+    writes the summary, which every rank returns. Each image's noise comes from its name, so the scores are those of
+    a 1-process run."""
     from uae_lightning.pipeline import seed_for
 
     root, out = Path(images), Path(out)
@@ -168,13 +201,18 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     settings = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution,
                 "guidance_scale": pipe.guidance_scale, "negative_prompt": pipe.negative_prompt,
                 "max_new_tokens": pipe.max_new_tokens, "backbones": backbones, "backbone_sources": sources}
-    results = Results(out, settings, fresh)
+    rank, world = process_group()
+    results = Results(out, settings, fresh) if rank == 0 else None
+    barrier()  # rank 0 has checked the settings and merged what an interrupted run left
+    done = set(results.rows) if rank == 0 else set(read_rows(out / RESULTS)) if (out / RESULTS).is_file() else set()
+    own_file = out / RESULTS if rank == 0 else out / f"{RESULTS}.rank{rank}"
     png = png_names([str(f.relative_to(root)) for f in files])
     skipped: Counter = Counter()
-    todo = [f for f in files if str(f.relative_to(root)) not in results.rows]
-    if len(todo) < len(files):
+    todo = [f for f in files if str(f.relative_to(root)) not in done]
+    if len(todo) < len(files) and rank == 0:
         log.info("Unified-Bench: %d of %d images already done in %s; resuming", len(files) - len(todo), len(files), out)
-    bar = tqdm(total=len(todo), desc="Unified-Bench", unit="img", disable=not progress)
+    todo = todo[rank::world]
+    bar = tqdm(total=len(todo), desc="Unified-Bench", unit="img", disable=not progress or rank != 0)
     for batch in _batches(todo, batch_size):
         loaded = [(f, load_tensor(f, pipe.resolution)) for f in batch]
         for f, img in loaded:
@@ -197,12 +235,34 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
                     continue
                 rel = Path("reconstructions") / png[name]
                 save_png(recon[i], out / rel)
-                results.add({"image": name, "caption": texts[i], "reconstruction": str(rel),
-                             "scores": {b: scores[b][i] for b in backbones}})
+                append_row(own_file, {"image": name, "caption": texts[i], "reconstruction": str(rel),
+                                      "scores": {b: scores[b][i] for b in backbones}})
         bar.update(len(batch))
     bar.close()
-    meta = {k: settings[k] for k in ("mode", "seed", "num_steps", "resolution")}
-    return _finish(results, backbones, skipped, out, meta, root, out, pipe.resolution)
+    if world > 1:
+        counts = [None] * world
+        torch.distributed.all_gather_object(counts, dict(skipped))  # also: every rank has finished its share
+        skipped = sum((Counter(c) for c in counts), Counter())
+    outcome = None
+    if rank == 0:
+        for path in [out / RESULTS, *sorted(out.glob(RESULTS + ".rank*"))]:
+            if path.is_file():
+                results.rows.update(read_rows(path))
+        results._rewrite()
+        for path in out.glob(RESULTS + ".rank*"):
+            path.unlink()
+        meta = {k: settings[k] for k in ("mode", "seed", "num_steps", "resolution")}
+        try:
+            outcome = _finish(results, backbones, skipped, out, {**meta, "processes": world}, root, out, pipe.resolution)
+        except RuntimeError as err:  # every rank raises it, none waits for a summary that will not come
+            outcome = err
+    if world > 1:
+        box = [outcome]
+        torch.distributed.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def score_folders(originals: str | Path, reconstructions: str | Path, out: str | Path,

@@ -66,15 +66,19 @@ class G4U(UAEStage):
                             *([self.decoder.latent_size(self.resolution)] * 2), device=self.device)
         recon = self.redraw(caps.texts, noise.repeat_interleave(G, 0), h.decode_steps, h.guidance_scale)
         rewards = self.reward.score(recon, images)
+        # The sampling policy's log-probs are needed only when the rollout is reused for more than one update: with
+        # num_iterations == 1 the update is on-policy and its own (detached) log-probs are the old ones (TRL does the
+        # same), which saves one forward pass of the policy over the whole rollout.
         old, ref = [], []
         for s in self.micro_batches(len(images)):
             part = self.slice_captions(caps, s)
-            old.append(self.encoder.completion_logprobs(part, h.temperature))
+            if h.num_iterations > 1:
+                old.append(self.encoder.completion_logprobs(part, h.temperature))
             if h.kl_beta > 0:
                 with self.encoder.adapter_disabled():
                     ref.append(self.encoder.completion_logprobs(part, h.temperature))
-        return {"captions": caps, "rewards": rewards, "old_logp": torch.cat(old), "ref_logp": torch.cat(ref) if ref else None,
-                "recon": recon}
+        return {"captions": caps, "rewards": rewards, "old_logp": torch.cat(old) if old else None,
+                "ref_logp": torch.cat(ref) if ref else None, "recon": recon}
 
     def micro_batches(self, n: int) -> list[slice]:
         m = self.hparams.micro_batch_size
@@ -114,7 +118,8 @@ class G4U(UAEStage):
             for s in self.micro_batches(len(rewards)):
                 m = mask[s]
                 logp = self.encoder.completion_logprobs(self.slice_captions(caps, s), h.temperature)
-                per_tok, ratio, clipped = clipped_surrogate(logp, ro["old_logp"][s], adv[s], h.clip_range_low, h.clip_range_high)
+                old = ro["old_logp"][s] if ro["old_logp"] is not None else logp.detach()
+                per_tok, ratio, clipped = clipped_surrogate(logp, old, adv[s], h.clip_range_low, h.clip_range_high)
                 kl = kl_k3(logp, ro["ref_logp"][s]) if ro["ref_logp"] is not None else torch.zeros_like(logp)
                 if h.kl_beta > 0:
                     per_tok = per_tok + h.kl_beta * kl
