@@ -120,11 +120,11 @@ def test_resumable_sampler_skips_trained_batches_and_shards_global_batches(monke
     assert list(resumed) == order[12:]  # the 3 trained batches are skipped ...
     assert list(resumed) == order  # ... once: the next pass is the whole epoch again
     # Two ranks with batch 2 see the samples of one process with batch 4, global batch by global batch.
-    monkeypatch.setattr(ResumableSampler, "_topology", staticmethod(lambda: (0, 2)))
+    monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda: (0, 2))
     r0 = ResumableSampler(40, batch_size=2, seed=3)
     r0.set_epoch(2)
     rank0 = list(r0)
-    monkeypatch.setattr(ResumableSampler, "_topology", staticmethod(lambda: (1, 2)))
+    monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda: (1, 2))
     r1 = ResumableSampler(40, batch_size=2, seed=3)
     r1.set_epoch(2)
     rank1 = list(r1)

@@ -32,7 +32,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from uae_lightning.bench.core import barrier, run_bench
+from uae_lightning.bench.core import run_bench
+from uae_lightning.distributed import barrier
 from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks.images import ImagePreview
 from uae_lightning.callbacks.preemption import Preemption, slurm_job_id

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from uae_lightning.bench.io import IMAGE_SUFFIXES, list_images, load_tensor, save_grid, save_png, to_uint8
+from uae_lightning.distributed import barrier, process_group
 from uae_lightning.rewards.backbones import PAPER_BACKBONES, Similarity
 
 log = logging.getLogger("uae_lightning.bench")
@@ -54,18 +55,6 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.from_numpy(to_uint8(img)).permute(2, 0, 1).float() / 255.0 for img in images])
 
 
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised default process group; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if process_group()[1] > 1:
-        torch.distributed.barrier()
-
-
 class Results:
     """results.jsonl: the finished images (read back on resume) and one appended line per newly finished image.
 
@@ -76,7 +65,6 @@ class Results:
     def __init__(self, out: Path, settings: dict, fresh: bool = False):
         self.path = out / RESULTS
         self.rows: dict[str, dict] = {}
-        self.out = out
         settings_file = out / "settings.json"
         settings = json.loads(json.dumps(settings))  # as it reads back
         old = json.loads(settings_file.read_text()) if settings_file.is_file() else None

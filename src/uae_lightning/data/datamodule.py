@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from uae_lightning.distributed import process_group
+
 from uae_lightning.data import toy
 from uae_lightning.data.images import SkipSample, load_image
 
@@ -138,12 +140,6 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.skip: tuple[int, int] | None = None  # (epoch, global batches already trained in it)
 
-    @staticmethod
-    def _topology() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
         self.epoch = epoch
 
@@ -151,11 +147,11 @@ class ResumableSampler(Sampler[int]):
         self.skip = (epoch, batches_done)
 
     def __len__(self) -> int:
-        rank, world = self._topology()
+        rank, world = process_group()
         return (self.size // (self.batch_size * world)) * self.batch_size
 
     def __iter__(self):
-        rank, world = self._topology()
+        rank, world = process_group()
         per_global = self.batch_size * world
         n_batches = self.size // per_global
         if n_batches == 0:

@@ -250,14 +250,22 @@ PAPER_BACKBONES = {
 }
 
 
+def backbone_source(name: str, sources: dict[str, str] | None = None) -> str | None:
+    """Where backbone `name` loads from: None for a toy backbone, `sources[name]` (default: the paper's hub id) for a
+    paper short name, else the name itself (a Hugging Face id or local path)."""
+    if name in BACKBONES:
+        return None
+    if name.startswith("toy_"):
+        raise ValueError(f"unknown toy backbone {name!r}; expected one of {sorted(BACKBONES)}")
+    return {**PAPER_BACKBONES, **(sources or {})}.get(name, name)
+
+
 def build_backbone(name: str, sources: dict[str, str] | None = None) -> Backbone:
     """A toy backbone by name, a paper backbone by short name (clip, dinov2, dinov3, longclip; loaded from
     `sources[name]`, default the hub ids above), or any Hugging Face image model by id or local path."""
-    if name in BACKBONES:
+    source = backbone_source(name, sources)
+    if source is None:
         return BACKBONES[name]()
-    if name.startswith("toy_"):
-        raise ValueError(f"unknown toy backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    source = {**PAPER_BACKBONES, **(sources or {})}.get(name, name)
     try:
         return HFBackbone(source)
     except (OSError, ValueError) as e:
@@ -271,11 +279,9 @@ def build_backbone(name: str, sources: dict[str, str] | None = None) -> Backbone
 def check_backbone(name: str, sources: dict[str, str] | None = None) -> None:
     """Cheap check that `name` will load (its config and image processor, or LongCLIP's state dict memory-mapped),
     without loading weights: run before training so a wrong id or path fails at once. Raises ValueError."""
-    if name in BACKBONES:
+    source = backbone_source(name, sources)
+    if source is None:
         return
-    if name.startswith("toy_"):
-        raise ValueError(f"unknown toy backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    source = {**PAPER_BACKBONES, **(sources or {})}.get(name, name)
     try:
         longclip = longclip_file(source)
         if longclip is not None:
