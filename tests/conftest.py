@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config
 import uae_lightning.cli  # noqa: F401  (registers the run-name resolver the configs use)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
+os.environ.setdefault("UAE_CACHE_DIR", tempfile.mkdtemp(prefix="uae-test-cache-"))  # computed constants (models/build.py)
 torch.set_num_threads(2)
 
 

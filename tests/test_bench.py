@@ -11,7 +11,8 @@ from uae_lightning.bench import run_bench, score_folders
 from uae_lightning.bench.__main__ import main as bench_main
 from uae_lightning.bench.io import save_png
 from uae_lightning.data import toy
-from uae_lightning.models.build import add_lora, build_connector, build_decoder, build_encoder
+from uae_lightning.models.build import build_connector, build_decoder, build_encoder
+from uae_lightning.models.lora import add_lora
 from uae_lightning.models.weights import save_weights
 from uae_lightning.pipeline import UAEPipeline, main as pipeline_main
 
@@ -44,7 +45,8 @@ def pipe(tmp_path_factory):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     weights = tmp_path_factory.mktemp("w") / "weights.safetensors"
-    save_weights(weights, enc, conn, dec, LORA)
+    save_weights(weights, {"encoder": enc.state_dict(), "connector": conn.state_dict(), "decoder": dec.state_dict()},
+                 {"encoder": LORA}, LORA)
     return UAEPipeline.from_weights(weights, m, 32, num_steps=4, max_new_tokens=12)
 
 
@@ -99,6 +101,40 @@ def test_bench_is_deterministic_and_an_interrupted_run_resumes_to_the_same_numbe
 
     other_seed = run_bench(pipe, references, tmp_path / "seed4", TOY_BACKBONES, batch_size=4, seed=4, progress=False)
     assert other_seed["overall"] != full["overall"]  # the seed does reach the noise
+
+
+def test_a_preempted_bench_stops_after_its_batch_and_resumes_and_max_images_is_a_fixed_list(pipe, references, tmp_path,
+                                                                                            monkeypatch):
+    """The preemption signal during the bench: the batch in progress finishes and is written, then Preempted; the
+    re-run does only the rest and ends with the uninterrupted scores. `max_images=3` scores the first 3 images by
+    name, with the rows the full run has for them."""
+    from uae_lightning.callbacks import preemption
+
+    monkeypatch.setitem(preemption._state, "signalled", False)  # restored to this at teardown
+    full = run_bench(pipe, references, tmp_path / "full", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    calls = {"n": 0}
+    original = UAEPipeline.reconstruct
+
+    def signal_during_first_batch(self, *a, **k):
+        calls["n"] += 1
+        preemption._state["signalled"] = True  # what the SIGUSR1 handler sets
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(UAEPipeline, "reconstruct", signal_during_first_batch)
+    with pytest.raises(preemption.Preempted, match="after batch 1 of 3"):
+        run_bench(pipe, references, tmp_path / "stopped", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    assert calls["n"] == 1 and len((tmp_path / "stopped" / "results.jsonl").read_text().splitlines()) == 4
+    preemption._state["signalled"] = False
+    monkeypatch.setattr(UAEPipeline, "reconstruct", original)
+    resumed = run_bench(pipe, references, tmp_path / "stopped", TOY_BACKBONES, batch_size=4, seed=3, progress=False)
+    assert resumed["backbones"] == full["backbones"] and resumed["images"] == 10
+
+    first3 = run_bench(pipe, references, tmp_path / "first3", TOY_BACKBONES, batch_size=4, seed=3, progress=False,
+                       max_images=3)
+    rows = {r["image"]: r for r in map(json.loads, (tmp_path / "full" / "results.jsonl").read_text().splitlines())}
+    mine = [json.loads(line) for line in (tmp_path / "first3" / "results.jsonl").read_text().splitlines()]
+    assert first3["images"] == 3 and [r["image"] for r in mine] == ["000.png", "001.png", "002.png"]
+    assert all(r["scores"] == rows[r["image"]]["scores"] for r in mine)
 
 
 def test_export_reloads_and_reproduces_caption_and_image(pipe, tmp_path):

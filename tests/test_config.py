@@ -127,7 +127,10 @@ def test_slurm_launcher_submits_without_m_and_follows_the_trainer():
     assert cfg.hydra.mode == RunMode.MULTIRUN
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
-    assert launcher.max_num_timeout == 0 and launcher.additional_parameters.signal == "USR1@90"
+    assert launcher.max_num_timeout == 0 and launcher.additional_parameters.signal == "USR1@300"
+    # the lead time is one key, and reaches both the sbatch --signal and submitit's own delay
+    lead = _with_hydra(["hydra/launcher=submitit_slurm", "preemption.lead_s=900"]).hydra.launcher
+    assert lead.additional_parameters.signal == "USR1@900" and lead.signal_delay_s == 900
     cpu = _with_hydra(["hydra/launcher=submitit_slurm", "trainer.devices=2"]).hydra.launcher
     assert (cpu.tasks_per_node, cpu.gpus_per_node) == (2, 0)  # accelerator auto requests no GPU
     bad = _with_hydra(["hydra/launcher=submitit_slurm", "trainer.devices=auto"])

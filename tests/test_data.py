@@ -115,10 +115,19 @@ def test_resumable_sampler_skips_trained_batches_and_shards_global_batches(monke
     full.set_epoch(3)
     assert list(full) != order  # a new permutation each epoch
     resumed = ResumableSampler(40, batch_size=4, seed=3)
-    resumed.resume_from(epoch=2, batches_done=3)
+    resumed.resume_from(lightning_epoch=2, global_batches_done=2 * 10 + 3)  # 10 global batches per epoch
     resumed.set_epoch(2)
     assert list(resumed) == order[12:]  # the 3 trained batches are skipped ...
     assert list(resumed) == order  # ... once: the next pass is the whole epoch again
+    # A run stopped by max_steps after 3 batches of epoch 2 is checkpointed with Lightning's epoch already at 3:
+    # the position still says epoch 2, batch 3, and the epoch after it is data epoch 3.
+    stopped = ResumableSampler(40, batch_size=4, seed=3)
+    stopped.resume_from(lightning_epoch=3, global_batches_done=23)
+    stopped.set_epoch(3)
+    assert list(stopped) == order[12:]
+    stopped.set_epoch(4)
+    full.set_epoch(3)
+    assert list(stopped) == list(full)
     # Two ranks with batch 2 see the samples of one process with batch 4, global batch by global batch.
     monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda: (0, 2))
     r0 = ResumableSampler(40, batch_size=2, seed=3)

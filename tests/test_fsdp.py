@@ -25,34 +25,57 @@ def worker(out: Path, *overrides: str) -> None:
 
 
 def test_two_fsdp2_ranks_match_one_process_on_the_same_global_batch(tmp_path):
-    """Stage 1, 4 steps, global batch 8: 2 ranks x 4 vs 1 x 8. Each rank reports the same (all-reduced) loss; the
-    loss and the consolidated weights match the 1-process run to float32 rounding: 1e-5 relative on the loss,
-    1e-5 absolute on any weight (observed: ~1e-7; a wrong split of data or noise moves the loss by ~1e-2)."""
-    base = ["+experiment=toy_pretrain", *TINY, "stages.pretrain.trainer.max_steps=4", "trainer.log_every_n_steps=1"]
-    worker(tmp_path / "two", *base, *FSDP2, "data.batch_size=4")
-    worker(tmp_path / "one", *base, "trainer.devices=1", "data.batch_size=8")
+    """Stage 1, 4 steps, global batch 8: 2 ranks x 4 vs 1 x 8; the 2-rank run is stopped after step 2 and resumed
+    from its sharded checkpoint. Each rank reports the same (all-reduced) loss; the losses, the consolidated weights
+    and the held-out metrics match the 1-process run to float32 rounding: 1e-5 relative on the loss and the metrics,
+    1e-5 absolute on any weight (observed: ~1e-7; a wrong split of data or noise moves the loss by ~1e-2, a resume
+    that lost the optimizer state or the data position moves the weights by ~1e-3)."""
+    import shutil
+
+    base = ["+experiment=toy_pretrain", *TINY, "data.val_size=7", "trainer.log_every_n_steps=1",
+            "trainer.checkpoint_every_n_steps=2"]
+    worker(tmp_path / "first", *base, *FSDP2, "data.batch_size=4", "stages.pretrain.trainer.max_steps=2")
+    shutil.copytree(tmp_path / "first" / "run", tmp_path / "two" / "run")
+    stage = tmp_path / "two" / "run" / "pretrain"
+    for name in ("done.json", "weights.safetensors"):  # as if killed after the step-2 checkpoint
+        (stage / name).unlink()
+    # The sharded checkpoint holds what trains (connector + DiT) and its optimizer state, no frozen encoder weight.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(stage / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
+    assert any(k.startswith("state_dict.decoder.") for k in saved)
+    assert not any(k.startswith("state_dict.encoder.") for k in saved)
+    worker(tmp_path / "two", *base, *FSDP2, "data.batch_size=4", "stages.pretrain.trainer.max_steps=4")
+    worker(tmp_path / "one", *base, "trainer.devices=1", "data.batch_size=8", "stages.pretrain.trainer.max_steps=4")
     r0, r1 = (json.loads((tmp_path / "two" / f"pretrain_rank{r}.json").read_text()) for r in (0, 1))
     one = json.loads((tmp_path / "one" / "pretrain_rank0.json").read_text())
+    first = json.loads((tmp_path / "first" / "pretrain_rank0.json").read_text())
     assert r0["world_size"] == 2 and one["world_size"] == 1
-    assert len(r0["losses"]) == 4 and r0["losses"] == r1["losses"]
+    assert len(r0["losses"]) == 2 and r0["losses"] == r1["losses"]  # steps 3 and 4, after the resume
     assert r0["probe"] == r1["probe"]  # stage 1: one random stream shared by the ranks
-    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert first["losses"] + r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
     # Sharded checkpoint (a distributed-checkpoint directory), consolidated weights.
-    ckpt = tmp_path / "two" / "run" / "pretrain" / "checkpoints" / "last.ckpt"
+    ckpt = stage / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
-    a = load_file(tmp_path / "two" / "run" / "pretrain" / "weights.safetensors")
+    a = load_file(stage / "weights.safetensors")
     b = load_file(tmp_path / "one" / "run" / "pretrain" / "weights.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    # Unified-Bench is split over the ranks (4 of the 8 held-out images each) and scores what one process scores
-    # (the weights above differ by ~1e-7; 1e-4 relative on the overall score).
+    # The held-out test is split over the ranks (4 + 3 of the 7 images; rank 1's second slot is weight-0 padding)
+    # and its metrics are the 1-process ones.
+    assert (r0["tested"], r1["tested"], one["tested"]) == (4, 3, 7)
+    metrics = [json.loads((tmp_path / d / "run" / "pretrain" / "done.json").read_text())["metrics"] for d in ("two", "one")]
+    assert metrics[0].keys() == metrics[1].keys() and metrics[0]
+    assert all(metrics[0][k] == pytest.approx(metrics[1][k], rel=1e-5) for k in metrics[0])
+    # Unified-Bench is split over the ranks too and scores what one process scores (the weights above differ by
+    # ~1e-7; 1e-4 relative on the overall score).
     counts = [json.loads((tmp_path / "two" / f"bench_rank{r}.json").read_text())["images"] for r in (0, 1)]
-    assert counts == [4, 4] and json.loads((tmp_path / "one" / "bench_rank0.json").read_text())["images"] == 8
+    assert counts == [4, 3] and json.loads((tmp_path / "one" / "bench_rank0.json").read_text())["images"] == 7
     bench = [json.loads((tmp_path / d / "run" / "pretrain" / "unified_bench" / "summary.json").read_text())
              for d in ("two", "one")]
-    assert (bench[0]["processes"], bench[1]["processes"], bench[0]["images"]) == (2, 1, 8)
+    assert (bench[0]["processes"], bench[1]["processes"], bench[0]["images"]) == (2, 1, 7)
     assert bench[0]["overall"] == pytest.approx(bench[1]["overall"], rel=1e-4)
-    assert not list((tmp_path / "two" / "run" / "pretrain" / "unified_bench").glob("results.jsonl.rank*"))
+    assert not list((stage / "unified_bench").glob("results.jsonl.rank*"))
 
 
 def test_every_stage_trains_under_fsdp2_in_the_paper_precision_and_exports(tmp_path):

@@ -1,13 +1,13 @@
 import copy
+import os
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from uae_lightning.models.build import (
-    QWEN25_VL_3B, SD35_LARGE_TRANSFORMER, add_lora, build_connector, build_decoder, build_encoder, plain_state_dict,
-)
+from uae_lightning.models.build import QWEN25_VL_3B, SD35_LARGE_TRANSFORMER, build_connector, build_decoder, build_encoder
+from uae_lightning.models.lora import add_lora, base_part, merged
 from uae_lightning.models.connector import Connector
 from conftest import compose_cfg
 
@@ -79,25 +79,50 @@ def test_ode_sampler_is_deterministic_and_follows_the_schedule(toy_models):
     assert s[0] == 1.0 and s[-1] == 0.0
 
 
-def test_lora_merge_gives_the_same_function(toy_models):
+def test_lora_merged_on_the_state_dict_is_peft_merge_and_the_same_function(toy_models):
+    """The arithmetic merge of a state dict (what consolidating FSDP shards uses) gives, for a bfloat16 base with
+    float32 adapters (the stages' dtypes), exactly the weights peft's own merge writes, and the merged plain model
+    computes what the adapted one does. A wrong scale (alpha vs alpha / r), a transposed B A or a merge in bfloat16
+    breaks the equality."""
     _, _, dec, _ = toy_models
-    transformer = copy.deepcopy(dec.transformer)
+    cfg = {"r": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    transformer = copy.deepcopy(dec.transformer).to(torch.bfloat16)
     transformer.requires_grad_(False)
-    add_lora(transformer, {"r": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+    add_lora(transformer, cfg)
     trainable = [n for n, p in transformer.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    with torch.no_grad():  # make the adapter non-trivial (lora_B starts at zero)
+    with torch.no_grad():  # non-trivial adapters (lora_B starts at zero), float32 as the stages train them
         for n, p in transformer.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    merged = copy.deepcopy(dec.transformer)
-    merged.load_state_dict(plain_state_dict(transformer))
+            if "lora_" in n:
+                p.data = p.data.float()
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    plain = merged(transformer.state_dict(), cfg)
+    assert not any("lora_" in k or "base_layer" in k for k in plain)
+    assert plain.keys() == dec.transformer.state_dict().keys()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    by_peft = copy.deepcopy(transformer)
+    for m in by_peft.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    peft_sd = {k.replace(".base_layer.", "."): v for k, v in by_peft.state_dict().items() if "lora_" not in k}
+    changed = [k for k in plain if not torch.equal(plain[k], dec.transformer.state_dict()[k].to(torch.bfloat16))]
+    assert len(changed) == 4 * len(transformer.transformer_blocks)  # to_q/k/v/out.0 weights of every block
+    assert all(torch.equal(plain[k], peft_sd[k]) for k in plain)
+    # The function: the merged plain model (float32 compute) against the adapted one.
+    adapted, plain_model = copy.deepcopy(transformer).float(), copy.deepcopy(dec.transformer)
+    plain_model.load_state_dict(plain)
     args = dict(hidden_states=torch.randn(2, 3, 32, 32), encoder_hidden_states=torch.randn(2, 5, dec.joint_attention_dim),
                 pooled_projections=torch.zeros(2, 32), timestep=torch.tensor([500.0, 100.0]))
+    unadapted = copy.deepcopy(dec.transformer)
+    unadapted.load_state_dict({k: v.float() for k, v in base_part(transformer.state_dict()).items()})
     with torch.no_grad():
-        assert torch.allclose(transformer(**args).sample, merged(**args).sample, atol=1e-5)
-        assert not torch.allclose(dec.transformer(**args).sample, merged(**args).sample, atol=1e-4)
-    assert not any("lora_" in k or "base_layer" in k for k in plain_state_dict(transformer))
+        ref = adapted(**args).sample
+        rounding = (ref - plain_model(**args).sample).abs().max().item()
+        effect = (ref - unadapted(**args).sample).abs().max().item()
+    # The merged weights are rounded to bfloat16: their error must stay a tenth of what the adapter changes.
+    assert rounding < 0.1 * effect
 
 
 def test_from_pretrained_loads_tiny_saved_models(toy_models, tmp_path):
@@ -124,3 +149,40 @@ def test_from_pretrained_loads_tiny_saved_models(toy_models, tmp_path):
     x = torch.rand(2, 3, 32, 32)
     z = dec2.encode(x)
     assert z.shape == (2, 3, 16, 16) and dec2.decode(z).shape == (2, 3, 32, 32)
+
+
+def test_the_empty_prompt_pooled_vector_is_sd3s_computed_once_and_cached(tmp_path, monkeypatch):
+    """model.decoder.pooled=sd3_empty_prompt: equal to what diffusers' StableDiffusion3Pipeline.encode_prompt("")
+    pools (the reference); the CLIP text encoders load once, later builds read the cache; a changed text-encoder
+    checkpoint is recomputed."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from uae_lightning.models import build
+    from uae_lightning.rehearsal import save_sd35_large
+
+    sd3 = save_sd35_large(tmp_path / "sd3")
+    monkeypatch.setenv("UAE_CACHE_DIR", str(tmp_path / "cache"))
+    loads = []
+    real = CLIPTextModelWithProjection.from_pretrained.__func__
+
+    def counted(cls, *a, **k):
+        loads.append(k.get("subfolder"))
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(CLIPTextModelWithProjection, "from_pretrained", classmethod(counted))
+    first = build.empty_prompt_pooled(str(sd3))
+    assert loads == ["text_encoder", "text_encoder_2"]
+    again = build.empty_prompt_pooled(str(sd3))
+    assert loads == ["text_encoder", "text_encoder_2"] and torch.equal(first, again)
+    monkeypatch.undo()
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3, text_encoder_3=None, tokenizer_3=None)
+    _, _, pooled, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False)
+    assert first.shape == pooled[0].shape and torch.allclose(first, pooled[0], atol=1e-6)
+    assert first.abs().sum() > 0
+    monkeypatch.setenv("UAE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(CLIPTextModelWithProjection, "from_pretrained", classmethod(counted))
+    weights = next((sd3 / "text_encoder").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    build.empty_prompt_pooled(str(sd3))
+    assert len(loads) == 4

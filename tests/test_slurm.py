@@ -1,6 +1,6 @@
 """Against a real single-node SLURM (slurm/local/start.sh; `.ci/run` starts it): the used-by command submits without
--m, a 2-job sweep runs and becomes a table and a plot, and a stage signalled twice is requeued, resumes, and ends
-exactly like an uninterrupted run.
+-m, a 2-job sweep runs and becomes a table and a plot, and a stage signalled in training, in its held-out test and in
+its bench is requeued each time, resumes, and ends exactly like an uninterrupted run.
 
 Skipped when no cluster answers, unless UAE_REQUIRE_SLURM=1 (set by .ci/run), which turns the skip into a failure.
 """
@@ -97,22 +97,35 @@ def _ckpt_step(path: Path) -> int:
         return -1
 
 
-def test_signalled_twice_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    """pretrain, 160 steps over 5 epochs of 32 batches; signals after steps >= 30 and >= 100 land mid-epoch."""
-    args = ["+experiment=toy_pretrain", *TINY, "data.train_size=256", "stages.pretrain.trainer.max_steps=160",
-            "trainer.checkpoint_every_n_steps=10"]
+def _log(root: Path) -> str:
+    return "".join(p.read_text() for p in root.rglob(".submitit/*/*_log.out"))
+
+
+def test_signalled_in_training_test_and_bench_requeues_and_matches_an_uninterrupted_run(tmp_path):
+    """pretrain, 60 steps over 2 epochs of 32 batches, then its held-out test (8 batches) and Unified-Bench (8
+    batches), both slowed to ~1 s a batch (100 sampling steps) so that a signal sent when the phase starts lands
+    inside it. SIGUSR1 at step >= 30 (mid-epoch), then during the held-out test, then during the bench: each time the
+    job requeues (the log names where it stopped), and the final run equals an uninterrupted one: same step, same
+    held-out metrics, same Unified-Bench score (all bit-identical on CPU with fixed seeds)."""
+    args = ["+experiment=toy_pretrain", *TINY, "data.train_size=64", "data.val_size=32", "data.batch_size=2",
+            "data.eval_batch_size=4", "bench.batch_size=4", "bench.num_steps=100", "stages.pretrain.module.eval_steps=100",
+            "stages.pretrain.trainer.max_steps=60", "trainer.checkpoint_every_n_steps=10"]
     ref = uae([*args, f"paths.runs_dir={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-3000:]
+    root = tmp_path / "slurm"
     proc = subprocess.Popen([sys.executable, "-m", "uae_lightning", *args, "hydra/launcher=submitit_slurm",
-                             f"paths.runs_dir={tmp_path / 'slurm'}"], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             f"paths.runs_dir={root}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ckpt = None
-        for threshold in (30, 100):
+        for phase in ("training", "held-out test", "Unified-Bench"):
             job, _ = _wait(lambda: [j for j in _squeue() if j[1] == "RUNNING"], 180, "the job to run")[0]
-            if ckpt is None:
-                ckpt = _wait(lambda: list((tmp_path / "slurm").rglob("pretrain/checkpoints")), 120, "the run")[0] / "last.ckpt"
-            _wait(lambda: _ckpt_step(ckpt) >= threshold, 300, f"step {threshold}")
+            if phase == "training":
+                ckpt = _wait(lambda: list(root.rglob("pretrain/checkpoints")), 120, "the run")[0] / "last.ckpt"
+                _wait(lambda: _ckpt_step(ckpt) >= 30, 300, "step 30")
+            elif phase == "held-out test":
+                _wait(lambda: "trained to step 60; held-out test" in _log(root), 300, "the held-out test")
+            else:
+                _wait(lambda: "Unified-Bench at" in _log(root), 300, "the bench")
             subprocess.run(["scancel", "--signal=USR1", job], check=True)
             # requeued: held back by SLURM's BeginTime; release it now
             _wait(lambda: any(j == job and s == "PENDING" for j, s in _squeue()), 120, "the requeue")
@@ -122,9 +135,16 @@ def test_signalled_twice_requeues_resumes_and_matches_an_uninterrupted_run(tmp_p
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    log = "".join(p.read_text() for p in (tmp_path / "slurm" / "toy_pretrain" / ".submitit").rglob("*_log.out"))
-    assert log.count("requeued SLURM job") == 2 and log.count("resuming from") == 2
-    done = json.loads((run_dir(tmp_path / "slurm") / "pretrain" / "done.json").read_text())
-    ref_done = json.loads((run_dir(tmp_path / "ref") / "pretrain" / "done.json").read_text())
-    assert done["global_step"] == ref_done["global_step"] == 160
-    assert done["metrics"] == ref_done["metrics"]  # bit-identical on CPU with fixed seeds
+    log = _log(root)
+    requeues = [line for line in log.splitlines() if "requeued SLURM job" in line]
+    assert len(requeues) == 3, requeues
+    assert "(training, step" in requeues[0] and "(the held-out test, batch" in requeues[1]
+    assert "(Unified-Bench of" in requeues[2]
+    assert log.count("resuming from") == 2  # the training and the test re-ran the stage; the bench found it done
+    assert "images already done" in log  # the bench resumed after its finished images
+    run, ref_run = run_dir(root), run_dir(tmp_path / "ref")
+    done = json.loads((run / "pretrain" / "done.json").read_text())
+    ref_done = json.loads((ref_run / "pretrain" / "done.json").read_text())
+    assert done["global_step"] == ref_done["global_step"] == 60
+    assert done["metrics"] == ref_done["metrics"]
+    assert json.loads((run / "summary.json").read_text()) == json.loads((ref_run / "summary.json").read_text())

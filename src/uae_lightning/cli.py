@@ -36,7 +36,8 @@ from uae_lightning.bench.core import run_bench
 from uae_lightning.distributed import barrier
 from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks.images import ImagePreview
-from uae_lightning.callbacks.preemption import Preemption, slurm_job_id
+from uae_lightning.callbacks import preemption
+from uae_lightning.callbacks.preemption import Preempted, Preemption, save_last, slurm_job_id
 from uae_lightning.checkpointing import AtomicCheckpointIO, remove_partial
 from uae_lightning.config import ConfigError, validate
 from uae_lightning.pipeline import UAEPipeline, bench_settings
@@ -73,14 +74,14 @@ def build_strategy(cfg: DictConfig):
     if s.name == "auto":
         return "auto"
     if s.name == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from uae_lightning.models.fsdp import TrainableStateStrategy
 
         dp = s.data_parallel_size
         if dp == "auto":  # every process shards data (Lightning's own "auto" would mean one group per node)
             dp = slurm_tasks(cfg.trainer.devices) * slurm_nodes(cfg.trainer.num_nodes) // s.tensor_parallel_size
-        return ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=s.tensor_parallel_size,
-                                     save_distributed_checkpoint=s.save_distributed_checkpoint,
-                                     process_group_backend=s.process_group_backend)
+        return TrainableStateStrategy(data_parallel_size=dp, tensor_parallel_size=s.tensor_parallel_size,
+                                      save_distributed_checkpoint=s.save_distributed_checkpoint,
+                                      process_group_backend=s.process_group_backend)
     raise ConfigError(f"strategy.name={s.name!r}; expected 'auto' or 'fsdp2'")
 
 
@@ -92,12 +93,11 @@ def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
         ImagePreview(cfg.callbacks.preview_every_n_steps, cfg.callbacks.preview_images),
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=0),
     ]
+    # The training loop's preemption safe points (callbacks/preemption.py: the one owner of checkpoint-and-requeue).
+    callbacks.append(Preemption(stage_dir / "checkpoints" / "last.ckpt"))
     plugins = []
-    if slurm_job_id() is not None:
-        # Under SLURM the Preemption callback is the one owner of checkpoint-and-requeue (callbacks/preemption.py).
-        callbacks.append(Preemption(stage_dir / "checkpoints" / "last.ckpt"))
-        if SLURMEnvironment.detect():
-            plugins.append(SLURMEnvironment(auto_requeue=False))
+    if slurm_job_id() is not None and SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     if cfg.strategy.name == "auto":  # FSDP2 checkpoints are distributed-checkpoint directories, written by torch
         plugins.append(AtomicCheckpointIO())
     loggers = []
@@ -164,6 +164,10 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     if last.exists():
         log.info("stage %s: resuming from %s", name, last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback._last_global_step_saved != trainer.global_step:
+        # The stage's final state, so that a preemption during the test or the bench does not train again.
+        save_last(trainer, last)
+    log.info("stage %s: trained to step %d; held-out test", name, trainer.global_step)
     metrics = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()}
     if module.report_before:
         before = json.loads(before_file.read_text())
@@ -179,8 +183,8 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
 
 
 def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
-    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split written once (by rank 0) as PNGs
-    at the bench resolution."""
+    """The folder Unified-Bench reads: `bench.images`, or the data's held-out split (its first `bench.max_images`)
+    written once (by rank 0) as PNGs at the bench resolution."""
     if cfg.bench.images:
         return Path(cfg.bench.images)
     folder = folder / str(resolution)
@@ -188,7 +192,7 @@ def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
     if not marker.exists() and rank_zero_only.rank == 0:
         datamodule = instantiate(cfg.data, resolution=resolution, _convert_="all")
         datamodule.setup("test")
-        for i in range(len(datamodule.val_set)):
+        for i in range(min(len(datamodule.val_set), cfg.bench.max_images or len(datamodule.val_set))):
             item = datamodule.val_set[i]
             if "image" in item:  # unreadable held-out files are counted by the stages, not benchmarked
                 save_png(item["image"].float() / 255.0, folder / f"{i:05d}.png")
@@ -330,8 +334,11 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, NonFiniteError, RunLo
 
 @hydra.main(version_base="1.3", config_path="pkg://uae_lightning.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    preemption.install()  # from here on SIGUSR1 stops the run at a safe point, never kills it
     try:
         run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Preempted as stop:
+        preemption.requeue(str(stop), cfg.preemption.wait_s, rank_zero_only.rank)
     except USER_ERRORS as err:
         if os.environ.get("UAE_DEBUG") == "1":
             raise

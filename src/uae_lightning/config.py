@@ -64,6 +64,8 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(t.devices, "trainer.devices")
     _positive_int(t.num_nodes, "trainer.num_nodes")
     _positive_int(t.checkpoint_every_n_steps, "trainer.checkpoint_every_n_steps")
+    _positive_int(cfg.preemption.lead_s, "preemption.lead_s")
+    _check(cfg.preemption.wait_s > 0, "preemption.wait_s", cfg.preemption.wait_s, "a number of seconds > 0")
     if "max_steps" in t:  # each stage has its own length; a global one would be silently replaced
         raise ConfigError(f"trainer.max_steps={t.max_steps} is not used: every stage sets its own length; set "
                           f"stages.<stage>.trainer.max_steps (stages: {list(cfg.stages)})")
@@ -72,6 +74,8 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(b[key], f"bench.{key}")
     if b.get("resolution") is not None:
         _positive_int(b.resolution, "bench.resolution")
+    if b.get("max_images") is not None:
+        _positive_int(b.max_images, "bench.max_images")
     _check(b.guidance_scale >= 1, "bench.guidance_scale", b.guidance_scale, "a number >= 1 (1: no guidance)")
     _check(len(b.backbones) > 0, "bench.backbones", list(b.backbones), "at least one backbone")
     for name in b.backbones:

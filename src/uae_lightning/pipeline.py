@@ -21,6 +21,7 @@ The command line (`python -m uae_lightning.pipeline --help`) captions, generates
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import zlib
 from pathlib import Path
@@ -31,7 +32,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from uae_lightning.models.build import base_state_dict, build_autoencoder, has_adapter, lora_config
+from uae_lightning.models.build import build_autoencoder
+from uae_lightning.models.lora import base_part, has_adapter, lora_config
 from uae_lightning.models.weights import load_weights
 
 EXPORT_FILE = "uae_pipeline.json"
@@ -79,6 +81,7 @@ def bench_settings(cfg, stage: str | None = None) -> dict:
     return {"resolution": b.get("resolution") or data["resolution"], "num_steps": b["num_steps"],
             "guidance_scale": b["guidance_scale"], "negative_prompt": b["negative_prompt"],
             "max_new_tokens": b["max_new_tokens"], "seed": b["seed"], "batch_size": b["batch_size"],
+            "max_images": b.get("max_images"),
             "backbones": list(b["backbones"]), "backbone_sources": dict(cfg.get("backbone_sources") or {})}
 
 
@@ -172,7 +175,7 @@ class UAEPipeline(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         enc = self.encoder.model
         adapter = has_adapter(enc)
-        enc.save_pretrained(path / "encoder", state_dict=base_state_dict(enc) if adapter else None)
+        enc.save_pretrained(path / "encoder", state_dict=base_part(enc.state_dict()) if adapter else None)
         self.encoder.processor.save_pretrained(path / "encoder")
         if adapter:
             adapter_dir = path / "encoder_adapter"
@@ -261,11 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("export", help="write the Hugging Face export")
     e.add_argument("out", help="export directory")
     args = p.parse_args(argv)
+    from uae_lightning.callbacks import preemption
 
+    preemption.install()  # SLURM's warning signal must not kill an export half-written; it takes seconds
     pipe = load(args.model, args.stage)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     if args.command == "export":
         print(pipe.save_pretrained(args.out))
+        if preemption.signalled():
+            logging.getLogger("uae_lightning").warning("a preemption signal arrived during the export; it completed")
         return
     if args.command == "generate":
         out = Path(args.out)

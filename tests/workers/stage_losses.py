@@ -22,7 +22,7 @@ import uae_lightning.cli as cli  # noqa: E402
 
 class RecordLoss(L.Callback):
     def __init__(self, out: Path):
-        self.out, self.losses, self.probe = out, [], None
+        self.out, self.losses, self.probe, self.tested = out, [], None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.probe is None:
@@ -32,9 +32,22 @@ class RecordLoss(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
+    def on_test_start(self, trainer, pl_module):
+        self.tested = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.tested += int(batch["weight"].sum())
+
     def on_train_end(self, trainer, pl_module):
+        self.write(trainer)
+
+    def on_test_end(self, trainer, pl_module):
+        self.write(trainer)
+
+    def write(self, trainer):
         path = self.out / f"{Path(trainer.default_root_dir).name}_rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({"losses": self.losses, "world_size": trainer.world_size, "probe": self.probe}))
+        path.write_text(json.dumps({"losses": self.losses, "world_size": trainer.world_size, "probe": self.probe,
+                                    "tested": self.tested}))
 
 
 def main() -> None:

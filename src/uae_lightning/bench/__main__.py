@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from uae_lightning.callbacks import preemption
 from uae_lightning.bench.core import DEFAULT_BACKBONES, format_summary, run_bench, score_folders
 from uae_lightning.pipeline import positive_int
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     r.add_argument("--images", required=True, help="folder of reference images")
     r.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     r.add_argument("--seed", type=int, default=None, help="default: the run's bench.seed (an export keeps it), else 0")
+    r.add_argument("--max-images", type=positive_int, default=None,
+                   help="the first N images by name (default: the run's bench.max_images, else all)")
     s = sub.add_parser("score", help="score reconstructions made elsewhere against their originals")
     s.add_argument("--originals", required=True)
     s.add_argument("--reconstructions", required=True, help="same relative names as the originals (any suffix)")
@@ -41,15 +44,19 @@ def main(argv: list[str] | None = None) -> dict:
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    preemption.install()  # SIGUSR1 (SLURM's warning) stops the bench after a batch; re-running resumes
     try:
         if args.command == "run":
             from uae_lightning.pipeline import load
 
             pipe = load(args.model, args.stage).to(args.device)
-            summary = run_bench(pipe, args.images, args.out, args.backbones, args.batch_size, args.seed, args.steps)
+            summary = run_bench(pipe, args.images, args.out, args.backbones, args.batch_size, args.seed, args.steps,
+                                max_images=args.max_images)
         else:
             summary = score_folders(args.originals, args.reconstructions, args.out, args.backbones, args.resolution,
                                     args.batch_size or 16, args.device)
+    except preemption.Preempted as stop:
+        preemption.requeue(str(stop), wait_s=600.0)
     except (ValueError, FileNotFoundError) as err:  # a user's input: one line (exit 2), no traceback
         p.error(str(err))
     print(format_summary(summary) + f"\n\n{args.out}/summary.json")

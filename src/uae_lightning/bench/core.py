@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from uae_lightning.callbacks import preemption
 from uae_lightning.bench.io import IMAGE_SUFFIXES, list_images, load_tensor, save_grid, save_png, to_uint8
 from uae_lightning.distributed import barrier, process_group
 from uae_lightning.rewards.backbones import PAPER_BACKBONES, Similarity
@@ -164,10 +165,11 @@ def png_names(names: list[str]) -> dict[str, str]:
 
 def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None,
               batch_size: int | None = None, seed: int | None = None, num_steps: int | None = None,
-              progress: bool = True, fresh: bool = False) -> dict:
+              progress: bool = True, fresh: bool = False, max_images: int | None = None) -> dict:
     """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images. Backbones
-    (and where they load from), seed and batch size default to the settings of the run the pipeline came from
-    (`pipe.bench`), so a re-run reproduces the run's own score; then to the paper's four backbones, seed 0, 16.
+    (and where they load from), seed, batch size and `max_images` (the first N images by name; None: all) default to
+    the settings of the run the pipeline came from (`pipe.bench`), so a re-run reproduces the run's own score; then
+    to the paper's four backbones, seed 0, 16, all images.
 
     Called by every process of a process group (the training run's ranks), the images are split over the ranks:
     rank r redraws every world-th image still to do and appends its rows to its own file; rank 0 merges them and
@@ -183,10 +185,11 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     batch_size = batch_size or own.get("batch_size") or 16
     sources = {k: v for k, v in (own.get("backbone_sources") or {}).items() if k in backbones}
     scorer = Scorer(backbones, pipe.device, sources)
-    files = list_images(root)
+    max_images = max_images or own.get("max_images")
+    files = list_images(root)[:max_images]
     if not files:
         raise FileNotFoundError(f"no images in {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    settings = {"mode": "pipeline", "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution,
+    settings = {"mode": "pipeline", "max_images": max_images, "seed": seed, "num_steps": num_steps or pipe.num_steps, "resolution": pipe.resolution,
                 "guidance_scale": pipe.guidance_scale, "negative_prompt": pipe.negative_prompt,
                 "max_new_tokens": pipe.max_new_tokens, "backbones": backbones, "backbone_sources": sources}
     rank, world = process_group()
@@ -199,9 +202,14 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     todo = [f for f in files if str(f.relative_to(root)) not in done]
     if len(todo) < len(files) and rank == 0:
         log.info("Unified-Bench: %d of %d images already done in %s; resuming", len(files) - len(todo), len(files), out)
+    # Every rank runs the same number of batches (some may be empty): each batch ends at a preemption safe point,
+    # where the ranks agree (a collective).
+    per_rank = -(-len(todo) // world)
+    n_batches = -(-per_rank // batch_size)
     todo = todo[rank::world]
     bar = tqdm(total=len(todo), desc="Unified-Bench", unit="img", disable=not progress or rank != 0)
-    for batch in _batches(todo, batch_size):
+    for k in range(n_batches):
+        batch = todo[k * batch_size : (k + 1) * batch_size]
         loaded = [(f, load_tensor(f, pipe.resolution)) for f in batch]
         for f, img in loaded:
             if img is None:
@@ -226,6 +234,9 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
                 append_row(own_file, {"image": name, "caption": texts[i], "reconstruction": str(rel),
                                       "scores": {b: scores[b][i] for b in backbones}})
         bar.update(len(batch))
+        if preemption.agreed():  # this batch's rows are in the results files: a re-run resumes after them
+            bar.close()
+            raise preemption.Preempted(f"Unified-Bench of {out}, after batch {k + 1} of {n_batches}")
     bar.close()
     if world > 1:
         counts = [None] * world

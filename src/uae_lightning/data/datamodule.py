@@ -103,12 +103,14 @@ class ManifestImages(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the good samples; count the skipped ones and the conversions under `skipped`."""
+    """Stack the good samples; count the skipped ones and the conversions under `skipped`. Held-out samples also
+    carry their `index` in the split and a `weight` (0 for the padding that evens out the ranks' shares)."""
     counts: Counter = Counter()
     good = []
     for s in samples:
         if "skip" in s:
-            counts[f"skipped_{s['skip']}"] += 1
+            if not s.get("pad"):  # a padding copy of a skipped sample was counted on the rank that owns it
+                counts[f"skipped_{s['skip']}"] += 1
             continue
         if "converted" in s:
             counts[f"converted_{s['converted']}"] += 1
@@ -118,7 +120,40 @@ def collate(samples: list[dict]) -> dict:
         batch["images"] = torch.stack([s["image"] for s in good]).float() / 255.0
         for key in ("caption", "short_caption", "scene"):
             batch[key] = [s[key] for s in good]
+        if "index" in good[0]:
+            batch["index"] = [s["index"] for s in good]
+            batch["weight"] = torch.tensor([0.0 if s["pad"] else 1.0 for s in good])
     return batch
+
+
+class EvalSampler(Sampler[int]):
+    """The held-out split over the ranks: rank r takes items r, r + W, r + 2W, ... Every rank gets the same number
+    (ceil(n / W)), so every rank runs the same number of batches (each forward of a sharded model is a collective);
+    positions past the end are padding, which `Indexed` serves as weight-0 copies."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return -(-self.size // process_group()[1])
+
+    def __iter__(self):
+        rank, world = process_group()
+        return iter(range(rank, world * len(self), world))
+
+
+class Indexed(Dataset):
+    """A held-out dataset whose items carry their index, and whose indices past the end are padding (`pad`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.dataset)
+        return {**self.dataset[i % n], "index": i % n, "pad": i >= n}
 
 
 # Lightning warns on every mid-epoch resume unless the DataLoader object itself is stateful; here the DataModule's
@@ -127,24 +162,42 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 
 class ResumableSampler(Sampler[int]):
-    """Shuffled training order that is a pure function of (seed, epoch, position), sharded over ranks.
+    """Shuffled training order that is a pure function of (seed, data epoch, position), sharded over ranks.
 
-    Epoch e is a permutation seeded by (seed, e), cut to whole global batches (batch_size x world_size); rank r
+    Data epoch e is a permutation seeded by (seed, e), cut to whole global batches (batch_size x world_size); rank r
     takes every world_size-th index starting at r, so each global batch holds the same samples whether it is
-    processed by one process or by several. After a resume, the first epoch skips the global batches that were
-    already trained on (`resume_from`), so an interrupted run sees exactly the data of an uninterrupted one.
+    processed by one process or by several. After a resume (`resume_from`), the stream continues at the global batch
+    where it stopped, so an interrupted run sees exactly the data of an uninterrupted one.
+
+    The position is the number of global batches trained, not Lightning's (epoch, batch) pair: a run stopped by
+    max_steps mid-epoch is checkpointed by Lightning with its epoch counter already advanced, and resuming that pair
+    literally would start the next permutation. The data epoch follows Lightning's epoch shifted by the difference
+    found at the resume.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epoch = 0
-        self.skip: tuple[int, int] | None = None  # (epoch, global batches already trained in it)
+        self.shift = 0  # data epoch - Lightning's epoch
+        self.skip: tuple[int, int] | None = None  # (data epoch, global batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
-        self.epoch = epoch
+        self.epoch = epoch + self.shift
 
-    def resume_from(self, epoch: int, batches_done: int) -> None:
-        self.skip = (epoch, batches_done)
+    def batches_per_epoch(self) -> int:
+        rank, world = process_group()
+        per_global = self.batch_size * world
+        n_batches = self.size // per_global
+        if n_batches == 0:
+            raise ValueError(f"{self.size} training samples cannot fill one global batch of {per_global} "
+                             f"(data.batch_size={self.batch_size} x {world} processes)")
+        return n_batches
+
+    def resume_from(self, lightning_epoch: int, global_batches_done: int) -> None:
+        data_epoch, done = divmod(global_batches_done, self.batches_per_epoch())
+        self.shift = data_epoch - lightning_epoch
+        self.epoch = data_epoch
+        self.skip = (data_epoch, done)
 
     def __len__(self) -> int:
         rank, world = process_group()
@@ -153,10 +206,7 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self):
         rank, world = process_group()
         per_global = self.batch_size * world
-        n_batches = self.size // per_global
-        if n_batches == 0:
-            raise ValueError(f"{self.size} training samples cannot fill one global batch of {per_global} "
-                             f"(data.batch_size={self.batch_size} x {world} processes)")
+        n_batches = self.batches_per_epoch()
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         start = 0
         if self.skip is not None and self.skip[0] == self.epoch:
@@ -235,17 +285,18 @@ class UAEDataModule(L.LightningDataModule):
             self._resume = None
         return self._loader(self.train_set, self.hparams.batch_size, self.sampler)
 
-    # Saved in every checkpoint (Lightning stores a DataModule's state_dict): where in which epoch training was.
+    # Saved in every checkpoint (Lightning stores a DataModule's state_dict): how many global batches were trained, and
+    # Lightning's epoch counter at that point (ResumableSampler.resume_from).
     def state_dict(self) -> dict:
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+        return {"epoch": trainer.current_epoch,
+                "global_batches_done": trainer.fit_loop.epoch_loop.batch_progress.total.processed}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self._resume = (state["epoch"], state["batches_done"])
+            self._resume = (state["epoch"], state["global_batches_done"])
             if self.sampler is not None:
                 self.sampler.resume_from(*self._resume)
 
@@ -253,4 +304,6 @@ class UAEDataModule(L.LightningDataModule):
         return self._loader(self.val_set, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """The held-out split, shared out over the ranks (EvalSampler); the stages sum each metric over its images
+        and all ranks, so the result is the 1-process one."""
+        return self._loader(Indexed(self.val_set), self.hparams.eval_batch_size, EvalSampler(len(self.val_set)))

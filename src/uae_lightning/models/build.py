@@ -6,14 +6,12 @@ AutoencoderKL, FlowMatchEulerDiscreteScheduler), so the toy run exercises the pa
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
 from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from uae_lightning.data.tokenizer import build_toy_processor
@@ -122,16 +120,7 @@ def _pooled(cfg: dict, dim: int) -> torch.Tensor:
     if spec == "zeros":
         return torch.zeros(dim)
     if spec == "sd3_empty_prompt":
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        parts = []
-        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            tokenizer = CLIPTokenizer.from_pretrained(cfg["pretrained"], subfolder=tok)
-            model = CLIPTextModelWithProjection.from_pretrained(cfg["pretrained"], subfolder=enc)
-            ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-            with torch.no_grad():
-                parts.append(model(ids).text_embeds[0])
-        return torch.cat(parts)
+        return empty_prompt_pooled(cfg["pretrained"])
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"model.decoder.pooled={spec!r}: expected 'zeros', 'sd3_empty_prompt' or a .pt file")
@@ -139,6 +128,56 @@ def _pooled(cfg: dict, dim: int) -> torch.Tensor:
     if vec.numel() != dim:
         raise ValueError(f"model.decoder.pooled: {path} holds {vec.numel()} values; the decoder expects {dim}")
     return vec
+
+
+TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+
+
+def cache_dir() -> Path:
+    """Where computed constants are kept: $UAE_CACHE_DIR, else ~/.cache/uae_lightning."""
+    return Path(os.environ.get("UAE_CACHE_DIR") or Path.home() / ".cache" / "uae_lightning")
+
+
+def empty_prompt_pooled(pretrained: str) -> torch.Tensor:
+    """SD3's pooled embedding of the empty prompt (CLIP-L and CLIP-G text encoders, concatenated), computed once per
+    text-encoder checkpoint and cached: the text encoders (float32, ~0.8 B parameters) are loaded by the first process
+    only; the others (every rank, every stage) read a 2048-value file. The cache key is the checkpoint's resolved
+    text-encoder and tokenizer files (paths, sizes, modification times), so a changed checkpoint is recomputed."""
+    import fcntl
+    import hashlib
+    import json
+
+    from transformers.utils import cached_file
+
+    files = []
+    for enc, tok in TEXT_ENCODERS:
+        for sub in (enc, tok):
+            name = "config.json" if sub == enc else "tokenizer_config.json"
+            folder = Path(cached_file(pretrained, name, subfolder=sub)).parent
+            files += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+                      if f.is_file()]
+    key = hashlib.sha1(json.dumps(files).encode()).hexdigest()[:20]
+    path = cache_dir() / f"sd3_empty_prompt_pooled-{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process per node computes; the others wait, then read
+        if path.is_file():
+            return torch.load(path, map_location="cpu")
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        parts = []
+        for enc, tok in TEXT_ENCODERS:
+            tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder=tok)
+            model = CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=enc)
+            ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            with torch.no_grad():
+                parts.append(model(ids).text_embeds[0])
+            del model
+        vec = torch.cat(parts)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        torch.save(vec, tmp)
+        tmp.replace(path)
+        return vec
 
 
 def build_decoder(cfg: dict, resolution: int, condition_padding: str) -> Decoder:
@@ -182,58 +221,3 @@ def build_autoencoder(cfg: dict, resolution: int) -> tuple[Encoder, Connector, D
     encoder = build_encoder(cfg["encoder"], resolution, padding)
     decoder = build_decoder(cfg["decoder"], resolution, padding)
     return encoder, build_connector(cfg["connector"], encoder, decoder), decoder
-
-
-def lora_config(cfg: dict) -> LoraConfig:
-    return LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=cfg.get("dropout", 0.0),
-                      target_modules=cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"]))
-
-
-def add_lora(module: nn.Module, cfg: dict) -> None:
-    """Inject LoRA layers into `module` in place; only they are new trainable parameters. peft's public injection
-    API works the same for the transformers encoder and the diffusers DiT (transformers 5.24's `add_adapter` asks
-    for a peft release that is not published yet)."""
-    inject_adapter_in_model(lora_config(cfg), module)
-
-
-def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every LoRA adapter of `module` on or off. peft's toggle also freezes/unfreezes the adapter weights; the
-    trainable set is kept as it was (FSDP2 reads it when it initialises, a reference pass must not change it)."""
-    trainable = {p: p.requires_grad for p in module.parameters()}
-    for m in module.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.enable_adapters(enabled)
-    for p, flag in trainable.items():
-        p.requires_grad_(flag)
-
-
-def has_adapter(module: nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
-
-
-def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA weights (keys as in `module.state_dict()`)."""
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
-
-
-def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights under the adapters, unmerged, keyed as in the plain model."""
-    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}
-
-
-def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with every LoRA adapter merged into its base weight and no adapter keys: loads into the plain
-    model, so the next stage (or an export) starts from the trained weights."""
-    tuners = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for m in tuners:
-        m.merge()
-    try:
-        sd = {}
-        for k, v in module.state_dict().items():
-            if "lora_" in k:
-                continue
-            sd[k.replace(".base_layer.", ".")] = v.detach().clone()
-    finally:
-        for m in tuners:
-            m.unmerge()
-    return sd

@@ -155,7 +155,7 @@ class Encoder(nn.Module):
     @contextmanager
     def adapter_disabled(self):
         """The encoder without its LoRA adapter (the GRPO reference model), if it has one."""
-        from uae_lightning.models.build import set_adapters_enabled
+        from uae_lightning.models.lora import set_adapters_enabled
 
         set_adapters_enabled(self.model, False)
         try:

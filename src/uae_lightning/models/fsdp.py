@@ -12,8 +12,11 @@ one all-gather per unit for a caption, not one per token.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME  # "meta.pt" beside the shards (Lightning's layout)
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 
@@ -85,3 +88,31 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+
+class TrainableStateStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy whose sharded (distributed-checkpoint) resume reads only the parameters the
+    stage trains: the stage's checkpoints hold no frozen weight (UAEStage.on_save_checkpoint), which Lightning's own
+    loader would ask for. Single-file checkpoints go through Lightning's loader unchanged."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not (path.is_dir() and (path / _METADATA_FILENAME).is_file()):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        module = self.lightning_module
+        # A trainable key missing from the checkpoint makes the distributed-checkpoint reader fail, naming it.
+        state = {"state_dict": module.trainable_state(get_model_state_dict(module))}
+        dcp_load(state, checkpoint_id=path)
+        set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            optim = {f"optimizer_{i}": get_optimizer_state_dict(module, optimizer)}
+            dcp_load(optim, checkpoint_id=path)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=optim[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)

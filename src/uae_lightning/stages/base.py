@@ -16,7 +16,8 @@ import lightning as L
 import torch
 
 from uae_lightning.data import toy
-from uae_lightning.models.build import add_lora, build_autoencoder
+from uae_lightning.models.build import build_autoencoder
+from uae_lightning.models.lora import add_lora
 from uae_lightning.models.fsdp import full_state_dict, is_sharded, mixed_precision_policy, shard_autoencoder
 from uae_lightning.models.weights import load_weights, save_weights
 from uae_lightning.pipeline import redraw
@@ -58,6 +59,9 @@ class UAEStage(L.LightningModule):
         # seed and its rank, as TRL's device-specific seeds) so ranks do not draw the same samples. Stage 1 keeps
         # one shared stream (global_draw), which makes N processes equal one process on the same global batch.
         self.per_rank_rng = False
+        # Checkpoints hold what training changes (trainable parameters, optimizer, loop, data position, RNG); the frozen
+        # weights come back from the pretrained ids and init_from when the stage is rebuilt (on_save_checkpoint).
+        self.strict_loading = False
 
     # ---- models --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -110,22 +114,15 @@ class UAEStage(L.LightningModule):
 
     def save_weights(self, path: str | Path) -> None:
         """The stage's result, what the next stage (or an export) starts from (format: models/weights.py). Every
-        rank must call it: sharded (FSDP) models are first gathered into full, unsharded copies; rank 0 writes."""
-        if not any(is_sharded(m) for m in (self.encoder, self.connector, self.decoder)):
-            if self.global_rank == 0:
-                save_weights(path, self.encoder, self.connector, self.decoder, self.encoder_lora)
-            return
-        full = {name: full_state_dict(getattr(self, name)) for name in ("encoder", "connector", "decoder")}
-        if self.global_rank != 0:
-            return
-        encoder, connector, decoder = build_autoencoder(self.model_cfg, self.resolution)
-        if "encoder" in self.adapters:
-            add_lora(encoder.model, self.adapters["encoder"])
-        if "decoder" in self.adapters:
-            add_lora(decoder.transformer, self.adapters["decoder"])
-        for name, module in (("encoder", encoder), ("connector", connector), ("decoder", decoder)):
-            module.load_state_dict(full[name])
-        save_weights(path, encoder, connector, decoder, self.encoder_lora)
+        rank must call it: sharded (FSDP) models are first gathered into full state dicts on CPU (a collective);
+        rank 0 merges the adapters into them and writes."""
+        models = {"encoder": self.encoder, "connector": self.connector, "decoder": self.decoder}
+        if any(is_sharded(m) for m in models.values()):
+            states = {name: full_state_dict(m) for name, m in models.items()}
+        else:
+            states = {name: m.state_dict() for name, m in models.items()}
+        if self.global_rank == 0:
+            save_weights(path, states, self.adapters, self.encoder_lora)
 
     def load_weights(self, path: str | Path) -> None:
         self.encoder_lora = load_weights(path, self.encoder, self.connector, self.decoder)
@@ -213,6 +210,19 @@ class UAEStage(L.LightningModule):
             # Before a resume restores the saved per-rank streams (on_load_checkpoint), so both start alike.
             torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank))
 
+    def trainable_keys(self) -> set[str]:
+        """State-dict keys of what this stage trains (names as in `self.state_dict()`, sharded or not)."""
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def trainable_state(self, state_dict: dict) -> dict:
+        """`state_dict` cut to the trainable parameters; a trainable parameter missing from it is an error (a key
+        naming mismatch would otherwise checkpoint nothing and resume from the initial weights)."""
+        keys = self.trainable_keys()
+        missing = sorted(keys - state_dict.keys())
+        if missing:
+            raise RuntimeError(f"trainable parameters missing from the state dict: {missing[:5]}")
+        return {k: v for k, v in state_dict.items() if k in keys}
+
     # Resuming must continue the random stream too: an interrupted run then matches an uninterrupted one. Every rank
     # calls this (Lightning builds the checkpoint dict on all ranks, one writes it), so each rank's stream is kept.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -223,10 +233,20 @@ class UAEStage(L.LightningModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
             per_rank = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(per_rank, rng)
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = self.trainable_state(checkpoint["state_dict"])
         checkpoint["uae_state"] = {"rng": per_rank, "data_counts": dict(self.data_counts),
                                    "nonfinite_total": self.nonfinite_total}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A single-file checkpoint: it must hold every trainable parameter and nothing else (strict_loading is off so
+        # that the frozen weights may be absent). Sharded checkpoints are checked by TrainableStateStrategy.
+        if "state_dict" in checkpoint:
+            keys, saved = self.trainable_keys(), set(checkpoint["state_dict"])
+            if saved != keys:
+                raise RuntimeError(f"the checkpoint does not hold this stage's trainable parameters (missing "
+                                   f"{sorted(keys - saved)[:5]}, unexpected {sorted(saved - keys)[:5]}); was it "
+                                   "written by another stage or with other LoRA settings?")
         state = checkpoint.get("uae_state")
         if not state:
             return
@@ -254,13 +274,47 @@ class UAEStage(L.LightningModule):
         scale = h.eval_guidance_scale if guidance_scale is None else guidance_scale
         return redraw(self.encoder, self.connector, self.decoder, texts, noise, num_steps, scale, h.negative_prompt)
 
+    def image_noise(self, batch: dict, seed: int) -> torch.Tensor:
+        """Held-out noise, one draw per image from `seed` + the image's index in the split: the same for an image
+        whichever rank and batch it falls in."""
+        size = self.decoder.latent_size(self.resolution)
+        return torch.stack([torch.randn(self.decoder.latent_channels, size, size,
+                                        generator=torch.Generator().manual_seed(seed + i)) for i in batch["index"]]
+                           ).to(self.device)
+
+    # Held-out metrics: per-image values summed (padding weighs 0) on each rank, then over all ranks at the end of the
+    # test; logged as sum / count, so N ranks report what one process reports.
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums: dict[str, list[float]] = {}
+
+    def eval_metric(self, name: str, values: torch.Tensor, batch: dict) -> None:
+        w = batch["weight"].to(values.device, torch.float64)
+        total = self._eval_sums.setdefault(name, [0.0, 0.0])
+        total[0] += float((values.detach().double() * w).sum())
+        total[1] += float(w.sum())
+
+    def on_test_epoch_end(self) -> None:
+        names = set(self._eval_sums)
+        if self.trainer.world_size > 1:
+            every = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(every, sorted(names))
+            names = set().union(*map(set, every))
+        names = sorted(names)
+        totals = torch.tensor([self._eval_sums.get(k, [0.0, 0.0]) for k in names], dtype=torch.float64,
+                              device=self.device).reshape(-1, 2)
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        for name, (total, count) in zip(names, totals.tolist()):
+            if count > 0:
+                self.log(name, total / count, sync_dist=True)  # equal on every rank: quiets Lightning's advice
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out metrics of the whole auto-encoder (stages with other metrics override this)."""
         if not self.count_data(batch):
             return
         h = self.hparams
-        for k, v in self.captioning_metrics(batch, h.eval_steps, h.eval_seed + batch_idx, h.max_new_tokens).items():
-            self.log(k, v.mean(), batch_size=len(v))
+        for k, v in self.captioning_metrics(batch, h.eval_steps, h.eval_seed, h.max_new_tokens).items():
+            self.eval_metric(k, v, batch)
 
     @torch.no_grad()
     def captioning_metrics(self, batch: dict, num_steps: int, seed: int, max_new_tokens: int) -> dict[str, torch.Tensor]:
@@ -268,7 +322,7 @@ class UAEStage(L.LightningModule):
         length and, for toy images, informativeness against the scene's ground truth."""
         images = batch["images"]
         caps = self.encoder.caption(images, do_sample=False, max_new_tokens=max_new_tokens)
-        recon = self.redraw(caps.texts, self.sample_noise(len(images), seed), num_steps)
+        recon = self.redraw(caps.texts, self.image_noise(batch, seed), num_steps)
         out = {"reward": self.reward.score(recon, images),
                "caption_length": caps.completion_mask.sum(1).float()}
         if batch["scene"][0]:

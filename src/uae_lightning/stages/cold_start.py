@@ -45,7 +45,7 @@ class ColdStart(UAEStage):
         self.train_decoder(self.hparams.decoder_lora, self.hparams.gradient_checkpointing)
         if self.hparams.encoder_lora:
             # On the conditioning path (gradients reach it through the decoder); merged by save_weights.
-            from uae_lightning.models.build import add_lora
+            from uae_lightning.models.lora import add_lora
 
             if self.encoder_lora is not None:
                 raise ValueError("stages.cold_start.module.encoder_lora: the encoder already has a captioner adapter "

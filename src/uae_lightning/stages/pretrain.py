@@ -76,12 +76,11 @@ class DecoderPretraining(UAEStage):
         if not self.count_data(batch):
             return
         images, n = batch["images"], len(batch["images"])
-        seed = self.hparams.eval_seed + batch_idx
-        noise = self.sample_noise(n, seed)
+        noise = self.image_noise(batch, self.hparams.eval_seed)
         full = self.redraw(list(batch["caption"]), noise, self.hparams.eval_steps)
         empty = self.redraw([""] * n, noise, self.hparams.eval_steps)
-        self.log("similarity_complete_caption", self.reward.score(full, images).mean(), batch_size=n)
-        self.log("similarity_empty_caption", self.reward.score(empty, images).mean(), batch_size=n)
+        self.eval_metric("similarity_complete_caption", self.reward.score(full, images), batch)
+        self.eval_metric("similarity_empty_caption", self.reward.score(empty, images), batch)
 
     def preview(self, batch: dict) -> dict:
         """For the image logger: originals and reconstructions from their complete captions."""

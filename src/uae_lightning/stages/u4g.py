@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from uae_lightning.models.build import set_adapters_enabled
+from uae_lightning.models.lora import set_adapters_enabled
 from uae_lightning.rl.flow_grpo import CONVENTIONS, cps_step, nonzero_advantage, sde_step, step_kl
 from uae_lightning.rl.grpo import clipped_surrogate, group_advantages
 from uae_lightning.stages.base import UAEStage
@@ -198,8 +198,8 @@ class U4G(UAEStage):
             return
         images = batch["images"]
         caps = self.encoder.caption(images, do_sample=False, max_new_tokens=self.hparams.max_new_tokens)
-        recon = self.redraw(caps.texts, self.sample_noise(len(images), self.hparams.eval_seed + batch_idx), self.hparams.eval_steps)
-        self.log("reward", self.reward.score(recon, images).mean(), batch_size=len(images))
+        recon = self.redraw(caps.texts, self.image_noise(batch, self.hparams.eval_seed), self.hparams.eval_steps)
+        self.eval_metric("reward", self.reward.score(recon, images), batch)
 
     def preview(self, batch: dict) -> dict:
         """Original | the G SDE reconstructions of its caption (one group per row)."""
