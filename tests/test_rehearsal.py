@@ -158,8 +158,10 @@ def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir
         assert summary["unified_bench"][stage] is not None
         ckpt = run / stage / "checkpoints" / "last.ckpt"
         assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # sharded over 2 FSDP2 ranks
-        logs = "".join(p.read_text() for p in (run.parent / ".submitit").rglob("*_log.err"))
+        logs = "".join(p.read_text() for p in (run.parent / ".submitit").rglob("*_log.*"))
         assert "MEMBER: 2/2" in logs  # one SLURM job, two tasks = two ranks
+        # only rank 0 read the checkpoints; rank 1 built empty models and received its shards
+        assert "rank 1: building the models without weights" in logs
     # `bench run --model <run>` used the run's own bench settings (backbones and their sources, resolution, steps,
     # CFG, seed) and reproduced its score.
     rerun = json.loads((tmp_path / "bench" / "u4g" / "summary.json").read_text())

@@ -7,12 +7,13 @@ AutoencoderKL, FlowMatchEulerDiscreteScheduler), so the toy run exercises the pa
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from uae_lightning.data.tokenizer import build_toy_processor
 from uae_lightning.models.connector import Connector
@@ -78,19 +79,44 @@ def toy_encoder_config(tiny: dict[str, Any], tokenizer) -> Qwen2_5_VLConfig:
     )
 
 
-def build_encoder(cfg: dict, resolution: int, condition_padding: str) -> Encoder:
-    """`cfg` is `model.encoder`: `pretrained` (id or path) wins; otherwise `architecture` builds random weights."""
+@contextmanager
+def weightless(empty: bool):
+    """With `empty`, models built inside have their parameters on the meta device (no memory, no initialisation,
+    no read) while buffers stay real: rotary frequencies and other non-persistent buffers are computed as usual."""
+    if not empty:
+        yield
+        return
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def build_encoder(cfg: dict, resolution: int, condition_padding: str, empty: bool = False) -> Encoder:
+    """`cfg` is `model.encoder`: `pretrained` (id or path) wins; otherwise `architecture` builds random weights.
+    `empty`: the same model without weights (`weightless`), for a rank that receives them from rank 0."""
     dtype = _dtype(cfg["dtype"], "model.encoder.dtype")
     if cfg.get("pretrained"):
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg["pretrained"], dtype=dtype)
         processor = AutoProcessor.from_pretrained(cfg["pretrained"])
+        if empty:
+            with weightless(True):
+                model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(cfg["pretrained"]),
+                                                                         dtype=dtype)
+            try:  # what from_pretrained would attach: the checkpoint's sampling defaults
+                model.generation_config = GenerationConfig.from_pretrained(cfg["pretrained"])
+            except OSError:  # the checkpoint has no generation_config.json
+                model.generation_config = GenerationConfig.from_model_config(model.config)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg["pretrained"], dtype=dtype)
     elif cfg["architecture"] == "toy":
         tiny = cfg["tiny"]
         processor = build_toy_processor(resolution, tiny["patch_size"], tiny["merge_size"])
-        model = Qwen2_5_VLForConditionalGeneration(toy_encoder_config(tiny, processor.tokenizer)).to(dtype)
+        with weightless(empty):
+            model = Qwen2_5_VLForConditionalGeneration(toy_encoder_config(tiny, processor.tokenizer)).to(dtype)
     elif cfg["architecture"] == "qwen2_5_vl_3b":
         processor = build_toy_processor(resolution, 14, 2)  # no download: the toy vocabulary is a subset of ids
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B)).to(dtype)
+        with weightless(empty):
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B)).to(dtype)
     else:
         raise ValueError(f"model.encoder.architecture={cfg['architecture']!r}; expected one of {ENCODER_ARCHITECTURES}")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -180,29 +206,38 @@ def empty_prompt_pooled(pretrained: str) -> torch.Tensor:
         return vec
 
 
-def build_decoder(cfg: dict, resolution: int, condition_padding: str) -> Decoder:
+def build_decoder(cfg: dict, resolution: int, condition_padding: str, empty: bool = False) -> Decoder:
+    """`cfg` is `model.decoder` (`empty`: as in build_encoder)."""
     dtype = _dtype(cfg["dtype"], "model.decoder.dtype")
     if cfg.get("pretrained"):
-        transformer = SD3Transformer2DModel.from_pretrained(cfg["pretrained"], subfolder="transformer", torch_dtype=dtype)
+        p = cfg["pretrained"]
+        if empty:
+            with weightless(True):
+                transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(p, subfolder="transformer")).to(dtype)
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(p, subfolder="vae")).to(dtype) if cfg["vae"] else None
+        else:
+            transformer = SD3Transformer2DModel.from_pretrained(p, subfolder="transformer", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=dtype) if cfg["vae"] else None
         # model.decoder.shift wins over the checkpoint's (paper preset: 3.0, as SD3.5-large ships)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(cfg["pretrained"], subfolder="scheduler", shift=cfg["shift"])
-        vae = AutoencoderKL.from_pretrained(cfg["pretrained"], subfolder="vae", torch_dtype=dtype) if cfg["vae"] else None
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(p, subfolder="scheduler", shift=cfg["shift"])
     elif cfg["architecture"] == "toy":
         t = cfg["tiny"]
         vae = None
         if cfg["vae"]:
             raise ValueError("model.decoder.vae=true needs model.decoder.pretrained (the toy decoder works in pixels)")
-        transformer = SD3Transformer2DModel(
-            sample_size=resolution, patch_size=t["patch_size"], in_channels=3, out_channels=3,
-            num_layers=t["num_layers"], attention_head_dim=t["head_dim"], num_attention_heads=t["num_heads"],
-            joint_attention_dim=t["joint_attention_dim"], caption_projection_dim=t["head_dim"] * t["num_heads"],
-            pooled_projection_dim=t["pooled_projection_dim"], pos_embed_max_size=resolution // t["patch_size"],
-        )
+        with weightless(empty):
+            transformer = SD3Transformer2DModel(
+                sample_size=resolution, patch_size=t["patch_size"], in_channels=3, out_channels=3,
+                num_layers=t["num_layers"], attention_head_dim=t["head_dim"], num_attention_heads=t["num_heads"],
+                joint_attention_dim=t["joint_attention_dim"], caption_projection_dim=t["head_dim"] * t["num_heads"],
+                pooled_projection_dim=t["pooled_projection_dim"], pos_embed_max_size=resolution // t["patch_size"],
+            )
         transformer = transformer if dtype == torch.float32 else transformer.to(dtype)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg["shift"])
     elif cfg["architecture"] == "sd35_large":
-        transformer = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER).to(dtype)
-        vae = AutoencoderKL(**SD35_VAE).to(dtype) if cfg["vae"] else None
+        with weightless(empty):
+            transformer = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER).to(dtype)
+            vae = AutoencoderKL(**SD35_VAE).to(dtype) if cfg["vae"] else None
         scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg["shift"])
     else:
         raise ValueError(f"model.decoder.architecture={cfg['architecture']!r}; expected one of {DECODER_ARCHITECTURES}")
@@ -210,14 +245,16 @@ def build_decoder(cfg: dict, resolution: int, condition_padding: str) -> Decoder
     return Decoder(transformer, scheduler, vae, pooled, mask_condition=condition_padding == "mask")
 
 
-def build_connector(cfg: dict, encoder: Encoder, decoder: Decoder) -> Connector:
+def build_connector(cfg: dict, encoder: Encoder, decoder: Decoder, empty: bool = False) -> Connector:
     """Sizes come from the two models: encoder hidden size in, decoder joint_attention_dim out."""
-    return Connector(encoder.hidden_size, decoder.joint_attention_dim, cfg["hidden_multiplier"])
+    with weightless(empty):
+        return Connector(encoder.hidden_size, decoder.joint_attention_dim, cfg["hidden_multiplier"])
 
 
-def build_autoencoder(cfg: dict, resolution: int) -> tuple[Encoder, Connector, Decoder]:
-    """The three models of a `model:` config (random init unless `pretrained` paths are set)."""
+def build_autoencoder(cfg: dict, resolution: int, empty: bool = False) -> tuple[Encoder, Connector, Decoder]:
+    """The three models of a `model:` config (random init unless `pretrained` paths are set). `empty`: without
+    weights (parameters on the meta device), for a rank that receives them from rank 0 (models/fsdp.py)."""
     padding = cfg["condition_padding"]
-    encoder = build_encoder(cfg["encoder"], resolution, padding)
-    decoder = build_decoder(cfg["decoder"], resolution, padding)
-    return encoder, build_connector(cfg["connector"], encoder, decoder), decoder
+    encoder = build_encoder(cfg["encoder"], resolution, padding, empty)
+    decoder = build_decoder(cfg["decoder"], resolution, padding, empty)
+    return encoder, build_connector(cfg["connector"], encoder, decoder, empty), decoder

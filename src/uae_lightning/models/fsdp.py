@@ -83,6 +83,35 @@ def gathered(module: nn.Module):
 
 
 @torch.no_grad()
+def fill_from_rank0(modules: list[nn.Module], full: list[dict] | None, device: torch.device) -> None:
+    """Give sharded models their weights from rank 0: rank 0 built them with weights (`full`: their state dicts,
+    taken before sharding), the other ranks without (parameters on the meta device, models/build.py `empty`). Each
+    tensor is broadcast from rank 0 and every rank keeps its own shard, so only rank 0 ever reads or holds a full
+    copy. Collective: every rank calls it, after `shard_autoencoder`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for i, module in enumerate(modules):
+        if full is None:
+            # Storage for the parameters (FSDP2 re-creates its sharded ones); to_empty also wipes the buffers, and
+            # the non-persistent ones (rotary frequencies) are not in the state dict: keep them.
+            kept = {n: b.clone() for n, b in _non_persistent_buffers(module)}
+            module.to_empty(device=device)
+            for n, b in _non_persistent_buffers(module):
+                b.copy_(kept[n])
+        else:
+            module.to(device)
+        set_model_state_dict(module, full[i] if full is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _non_persistent_buffers(module: nn.Module):
+    for prefix, m in module.named_modules():
+        for name, buf in m._buffers.items():
+            if buf is not None and name in m._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buf
+
+
+@torch.no_grad()
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU, gathered from all ranks (a collective: every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -61,6 +61,15 @@ def load_weights(path: str | Path, encoder: nn.Module, connector: nn.Module, dec
     return lora
 
 
+def encoder_adapter_config(path: str | Path) -> dict | None:
+    """The captioner's LoRA config stored in a weights file (its metadata only), or None."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (a stage's weights.safetensors is expected)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["encoder_lora"]) if "encoder_lora" in meta else None
+
+
 @torch.no_grad()
 def _read_into(f, path, prefix: str, keys: list[str], module: nn.Module, adapter: bool) -> None:
     """Copy the file's `prefix.*` tensors into `module`: its base weights (keyed as in the plain model, also when

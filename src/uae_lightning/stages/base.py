@@ -6,6 +6,7 @@ Each stage file (pretrain.py, ...) holds its own algorithm top to bottom; this f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
@@ -18,10 +19,13 @@ import torch
 from uae_lightning.data import toy
 from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.lora import add_lora
-from uae_lightning.models.fsdp import full_state_dict, is_sharded, mixed_precision_policy, shard_autoencoder
-from uae_lightning.models.weights import load_weights, save_weights
+from uae_lightning.models.fsdp import (fill_from_rank0, full_state_dict, is_sharded, mixed_precision_policy,
+                                      shard_autoencoder)
+from uae_lightning.models.weights import encoder_adapter_config, load_weights, save_weights
 from uae_lightning.pipeline import redraw
 from uae_lightning.rewards.callback import RewardCallback
+
+log = logging.getLogger("uae_lightning")
 
 
 def _as_tuples(x):
@@ -67,11 +71,24 @@ class UAEStage(L.LightningModule):
     def configure_model(self) -> None:
         if self.encoder is not None:
             return
+        # Under FSDP2 with several ranks, only rank 0 builds the models with their weights (pretrained read, init_from
+        # read, random init); the others build them empty and receive their shards from rank 0 (fill_from_rank0).
+        sharded = self.device_mesh is not None
+        broadcast = sharded and self.trainer.world_size > 1
+        empty = broadcast and self.global_rank != 0
+        if empty:
+            log.info("rank %d: building the models without weights; rank 0 sends each rank its shards", self.global_rank)
         with torch.random.fork_rng(devices=[]):  # random init independent of everything seeded before it
             torch.manual_seed(self.model_cfg["seed"])
-            self.encoder, self.connector, self.decoder = build_autoencoder(self.model_cfg, self.resolution)
+            self.encoder, self.connector, self.decoder = build_autoencoder(self.model_cfg, self.resolution, empty)
         if self.init_from:
-            self.load_weights(self.init_from)
+            if empty:  # the adapter's structure only; its weights come with the others
+                self.encoder_lora = encoder_adapter_config(self.init_from)
+                if self.encoder_lora is not None:
+                    add_lora(self.encoder.model, self.encoder_lora)
+                    self.adapters["encoder"] = dict(self.encoder_lora)
+            else:
+                self.load_weights(self.init_from)
         self.encoder.requires_grad_(False)
         self.connector.requires_grad_(False)
         self.decoder.requires_grad_(False)
@@ -83,9 +100,14 @@ class UAEStage(L.LightningModule):
         for p in self.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-        if self.device_mesh is not None:  # ModelParallelStrategy (conf/strategy/fsdp2.yaml): FSDP2 over data parallel
+        if sharded:  # ModelParallelStrategy (conf/strategy/fsdp2.yaml): FSDP2 over data parallel
+            models = [self.encoder, self.connector, self.decoder]
+            full = [m.state_dict() for m in models] if broadcast and not empty else None
             shard_autoencoder(self.encoder, self.connector, self.decoder, self.device_mesh["data_parallel"],
                               mixed_precision_policy(self.trainer.precision))
+            if broadcast:
+                fill_from_rank0(models, full, self.trainer.strategy.root_device)
+                del full
 
     def configure_trainable(self) -> None:
         """Unfreeze what this stage trains (everything starts frozen)."""

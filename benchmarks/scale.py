@@ -1,0 +1,136 @@
+"""What a stage costs besides its training steps, on the toy models through the real command-line code path:
+checkpoint size against the model, peak memory per rank while loading, and held-out evaluation time, with 1 and 2
+FSDP2 ranks (CPU, gloo, one thread per rank).
+
+    python benchmarks/scale.py [--val-size 32] [--width 256]
+
+Prints two markdown tables. `--width` sets the toy models' hidden sizes (larger models make the memory columns
+dominated by weights rather than by the Python runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+
+
+def _worker(out: Path, overrides: list[str]) -> None:
+    """One run of the CLI code path; each rank writes its peak RSS after loading and its held-out test time."""
+    import lightning as L
+    import torch
+
+    from common import default_config
+    import uae_lightning.cli as cli
+
+    torch.set_num_threads(1)
+    record = {}
+
+    class Measure(L.Callback):
+        def on_fit_start(self, trainer, pl_module):  # the models are built, loaded and sharded
+            record["load_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            record["world_size"] = trainer.world_size
+
+        def on_test_start(self, trainer, pl_module):
+            record["t_test"] = time.perf_counter()
+
+        def on_test_end(self, trainer, pl_module):
+            record["test_s"] = time.perf_counter() - record.pop("t_test")
+            (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+    build = cli.build_trainer
+
+    def with_measure(cfg, name, stage_dir):
+        trainer = build(cfg, name, stage_dir)
+        trainer.callbacks.append(Measure())
+        return trainer
+
+    cli.build_trainer = with_measure
+    cli.run_pipeline(default_config(overrides), out / "run")
+
+
+def run(out: Path, overrides: list[str]) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(HERE), "--worker", str(out), *overrides], capture_output=True, text=True,
+                         env=env)
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-4000:])
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def tree_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--val-size", type=int, default=32)
+    p.add_argument("--width", type=int, default=256, help="toy encoder hidden size and DiT width")
+    p.add_argument("--out", default="/tmp/uae-scale-bench")
+    args = p.parse_args()
+    import shutil
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    w = args.width
+    size = [f"model.encoder.tiny.hidden_size={w}", f"model.encoder.tiny.vision_hidden_size={w // 2}",
+            f"model.decoder.tiny.head_dim={w // 4}", "model.decoder.tiny.num_heads=4",
+            f"model.decoder.tiny.joint_attention_dim={w}"]
+    base = [*size, f"data.val_size={args.val_size}", "data.train_size=64", "data.eval_batch_size=8",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "bench.batch_size=8",
+            "callbacks.preview_every_n_steps=1000", "trainer.checkpoint_every_n_steps=2"]
+    stages = {
+        "pretrain (full DiT + connector)": ["run=[pretrain]", "stages.pretrain.trainer.max_steps=2", "data.batch_size=4"],
+        "u4g (LoRA on the DiT)": ["run=[u4g]", "stages.u4g.trainer.max_steps=2", "stages.u4g.data.batch_size=2",
+                                   "stages.u4g.module.group_size=2", "stages.u4g.module.num_steps=4",
+                                   "stages.u4g.module.train_window=[0,2]"],
+    }
+    fsdp2 = ["strategy=fsdp2", "strategy.process_group_backend=gloo", "trainer.devices=2"]
+    rows_ckpt, rows_run = [], []
+    for label, stage in stages.items():
+        name = stage[0][5:-1]
+        results = {}
+        for ranks, extra in ((1, ["trainer.devices=1"]), (2, fsdp2)):
+            out = Path(args.out) / f"{name}-{ranks}"
+            results[ranks] = run(out, [*base, *stage, *extra])
+            stage_dir = out / "run" / name
+            results[ranks].append({"ckpt": tree_bytes(stage_dir / "checkpoints" / "last.ckpt"),
+                                   "model": tree_bytes(stage_dir / "weights.safetensors")})
+        sizes = results[1][-1]
+        import torch
+
+        ckpt = torch.load(Path(args.out) / f"{name}-1" / "run" / name / "checkpoints" / "last.ckpt",
+                          map_location="cpu", weights_only=False)
+        trainable = sum(v.numel() for v in ckpt["state_dict"].values())
+        rows_ckpt.append(f"| {label} | {trainable / 1e6:.2f} M | {sizes['model'] / 2**20:.1f} | "
+                         f"{sizes['ckpt'] / 2**20:.1f} | {sizes['ckpt'] / sizes['model']:.2f} | "
+                         f"{results[2][-1]['ckpt'] / 2**20:.1f} |")
+        one, two = results[1][0], results[2][:2]
+        per_rank = " / ".join(f"{r['load_peak_rss_mb']:.0f}" for r in two)
+        slowest = max(r["test_s"] for r in two)
+        rows_run.append(f"| {label} | {one['load_peak_rss_mb']:.0f} | {per_rank} | {one['test_s']:.1f} | "
+                        f"{slowest:.1f} | {one['test_s'] / slowest:.2f}x |")
+    print(f"\nCheckpoint of a stage vs its consolidated weights (toy models, width {w}, float32)\n")
+    print("| stage | trained parameters | weights.safetensors (MiB) | last.ckpt, 1 process (MiB) | ckpt / weights | "
+          "last.ckpt, 2 FSDP2 ranks (MiB, all shards) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows_ckpt))
+    print(f"\nLoading and held-out evaluation ({args.val_size} images), 1 process vs 2 FSDP2 ranks, one thread each\n")
+    print("| stage | peak RSS at load, 1 process (MiB) | per rank, 2 ranks (MiB) | test, 1 process (s) | "
+          "test, 2 ranks (s) | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows_run))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        _worker(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        main()
