@@ -85,7 +85,7 @@ def main() -> None:
             f"model.decoder.tiny.joint_attention_dim={w}"]
     base = [*size, f"data.val_size={args.val_size}", "data.train_size=64", "data.eval_batch_size=8",
             "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "bench.batch_size=8",
-            "callbacks.preview_every_n_steps=1000", "trainer.checkpoint_every_n_steps=2"]
+            "callbacks.preview.every_n_steps=1000", "trainer.checkpoint_every_n_steps=2"]
     stages = {
         "pretrain (full DiT + connector)": ["run=[pretrain]", "stages.pretrain.trainer.max_steps=2", "data.batch_size=4"],
         "u4g (LoRA on the DiT)": ["run=[u4g]", "stages.u4g.trainer.max_steps=2", "stages.u4g.data.batch_size=2",

@@ -38,8 +38,8 @@ FAST = [
     "data.eval_batch_size=8",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "callbacks.preview_every_n_steps=2",
-    "callbacks.preview_images=2",
+    "callbacks.preview.every_n_steps=2",
+    "callbacks.preview.num_images=2",
 ]
 
 

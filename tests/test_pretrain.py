@@ -123,3 +123,31 @@ def test_a_finished_stage_is_reused_only_under_its_own_settings(tmp_path):
     run_pipeline(compose_cfg(base), tmp_path)
     with pytest.raises(ConfigError, match="stage.module.lr: 0.001 -> 0.002"):
         run_pipeline(compose_cfg([*base, "stages.pretrain.module.lr=0.002"]), tmp_path)
+
+
+def test_a_callback_and_a_second_logger_added_from_the_command_line_run(tmp_path):
+    """conf/callbacks and conf/logger are name -> _target_ groups: a ModelCheckpoint that keeps every checkpoint and
+    a CSV logger beside TensorBoard, added with overrides only, both take effect; the preview callback switched off
+    with null leaves no preview image."""
+    keep = tmp_path / "keep"
+    cfg = compose_cfg(["+experiment=toy_pretrain", *FAST, "stages.pretrain.trainer.max_steps=4",
+                       "+callbacks.keep._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                       f"+callbacks.keep.dirpath={keep}", "+callbacks.keep.every_n_train_steps=2",
+                       "+callbacks.keep.save_top_k=-1", "callbacks.preview=null",
+                       "+logger.csv._target_=lightning.pytorch.loggers.CSVLogger", "+logger.csv.name=csv",
+                       "+logger.csv.version=''"])
+    run_pipeline(cfg, tmp_path / "run")
+    assert len(list(keep.glob("*.ckpt"))) == 2  # steps 2 and 4
+    rows = (tmp_path / "run" / "pretrain" / "csv" / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in rows[0] and len(rows) > 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run" / "pretrain" / "tensorboard"))
+    ea.Reload()
+    assert "train/loss" in ea.Tags()["scalars"] and not ea.Tags()["images"]
+    import pytest
+
+    from uae_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="callbacks.bad must be null or hold a _target_"):
+        run_pipeline(compose_cfg(["+experiment=toy_pretrain", *FAST, "+callbacks.bad.every=2"]), tmp_path / "bad")

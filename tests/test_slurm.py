@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 # local run compute exactly the same numbers.
 TINY = ["data.train_size=64", "data.val_size=8", "data.batch_size=8", "data.eval_batch_size=8",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-        "callbacks.preview_every_n_steps=1000", "bench.batch_size=8"]
+        "callbacks.preview.every_n_steps=1000", "bench.batch_size=8"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # sbatch passes the environment on to the job
 
 

@@ -26,8 +26,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -35,11 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from uae_lightning.bench.core import run_bench
 from uae_lightning.distributed import barrier
 from uae_lightning.bench.io import save_png
-from uae_lightning.callbacks.images import ImagePreview
 from uae_lightning.callbacks import preemption
 from uae_lightning.callbacks.preemption import Preempted, Preemption, save_last, slurm_job_id
 from uae_lightning.checkpointing import AtomicCheckpointIO, remove_partial
-from uae_lightning.config import ConfigError, validate
+from uae_lightning.config import ConfigError, configured, validate
 from uae_lightning.pipeline import UAEPipeline, bench_settings
 from uae_lightning.slurm import check_allocation, register_resolvers, slurm_nodes, slurm_tasks
 from uae_lightning.rewards.callback import RewardCallback
@@ -88,22 +86,20 @@ def build_strategy(cfg: DictConfig):
 def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(_merged(cfg.trainer, cfg.stages[name].trainer))
     every = trainer_cfg.pop("checkpoint_every_n_steps")
-    callbacks = [
-        RewardCallback(cfg.reward.backbones, cfg.backbone_sources),
-        ImagePreview(cfg.callbacks.preview_every_n_steps, cfg.callbacks.preview_images),
+    # What every stage needs: the reward backbones, last.ckpt, the preemption safe points (callbacks/preemption.py:
+    # the one owner of checkpoint-and-requeue). Then the configured ones (conf/callbacks/, conf/logger/).
+    callbacks = [RewardCallback(cfg.reward.backbones, cfg.backbone_sources)]
+    callbacks += [instantiate(node) for node in configured(cfg.callbacks, "callbacks")]
+    callbacks += [
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", every_n_train_steps=every, save_last=True, save_top_k=0),
+        Preemption(stage_dir / "checkpoints" / "last.ckpt"),
     ]
-    # The training loop's preemption safe points (callbacks/preemption.py: the one owner of checkpoint-and-requeue).
-    callbacks.append(Preemption(stage_dir / "checkpoints" / "last.ckpt"))
+    loggers = [instantiate(node, save_dir=str(stage_dir)) for node in configured(cfg.logger, "logger")]
     plugins = []
     if slurm_job_id() is not None and SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     if cfg.strategy.name == "auto":  # FSDP2 checkpoints are distributed-checkpoint directories, written by torch
         plugins.append(AtomicCheckpointIO())
-    loggers = []
-    if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(stage_dir), name="tensorboard", version="", default_hp_metric=False))
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
     return L.Trainer(default_root_dir=str(stage_dir), callbacks=callbacks, logger=loggers or False, plugins=plugins,
                      strategy=build_strategy(cfg), **trainer_cfg)
 
@@ -164,7 +160,8 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     if last.exists():
         log.info("stage %s: resuming from %s", name, last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
-    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback._last_global_step_saved != trainer.global_step:
+    own = next(cb for cb in trainer.checkpoint_callbacks if Path(cb.dirpath) == last.parent)  # (a user may add others)
+    if own._last_global_step_saved != trainer.global_step:
         # The stage's final state, so that a preemption during the test or the bench does not train again.
         save_last(trainer, last)
     log.info("stage %s: trained to step %d; held-out test", name, trainer.global_step)

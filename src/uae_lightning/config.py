@@ -65,6 +65,8 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(t.num_nodes, "trainer.num_nodes")
     _positive_int(t.checkpoint_every_n_steps, "trainer.checkpoint_every_n_steps")
     _positive_int(cfg.preemption.lead_s, "preemption.lead_s")
+    configured(cfg.callbacks, "callbacks")
+    configured(cfg.logger, "logger")
     _check(cfg.preemption.wait_s > 0, "preemption.wait_s", cfg.preemption.wait_s, "a number of seconds > 0")
     if "max_steps" in t:  # each stage has its own length; a global one would be silently replaced
         raise ConfigError(f"trainer.max_steps={t.max_steps} is not used: every stage sets its own length; set "
@@ -170,3 +172,15 @@ def _check_backbone(name: str, key: str) -> None:
             f"{key}: {name!r} is not a toy backbone {sorted(BACKBONES)}, a paper backbone "
             f"{sorted(PAPER_BACKBONES)}, an existing folder or a Hugging Face id (org/name)"
         )
+
+
+def configured(group: DictConfig, key: str) -> list[DictConfig]:
+    """The entries of a name -> {_target_: ...} group (callbacks, logger), in order, without the ones set to null."""
+    out = []
+    for name, node in group.items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{key}.{name} must be null or hold a _target_ (the class to instantiate); got {node!r}")
+        out.append(node)
+    return out
