@@ -152,13 +152,48 @@ def test_export_reloads_and_reproduces_caption_and_image(pipe, tmp_path):
     assert texts2 == texts
     assert torch.equal(recon2, recon)
     # The adapter is a standard peft adapter: PeftModel loads it onto the exported base model.
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "encoder")
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "decoder" / "text_encoder")
     peft_model = PeftModel.from_pretrained(base, path / "encoder_adapter")
     ref = dict(loaded.encoder.model.named_parameters())
     for n, p in peft_model.named_parameters():
         if "lora_A" in n:
             key = n.removeprefix("base_model.model.")
             assert torch.equal(p, ref[key])
+
+
+def test_the_exported_decoder_is_a_diffusers_pipeline_that_draws_what_the_run_draws(pipe, tmp_path):
+    """diffusers' own entry point loads export/decoder (model_index.json, our pipeline class from its pipeline.py, the
+    connector and pooled vector as diffusers models, the masked attention restored): for the same captions and seeds
+    its images equal UAEPipeline.generate's (float32: to 1e-6). The stock StableDiffusion3Pipeline, built from the
+    exported transformer and scheduler and given our prompt embeddings and the same noise, draws the same image."""
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    from uae_lightning.models.attention import MaskedJointAttnProcessor
+
+    path = pipe.save_pretrained(tmp_path / "export")
+    index = json.loads((path / "decoder" / "model_index.json").read_text())
+    assert index["_class_name"] == "UAEDecoderPipeline"
+    assert index["connector"] == ["uae_lightning.models.connector", "Connector"]
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    gen = DiffusionPipeline.from_pretrained(path / "decoder", custom_pipeline=str(path / "decoder"), trust_remote_code=True)
+    assert type(gen).__name__ == "UAEDecoderPipeline"
+    assert all(isinstance(p, MaskedJointAttnProcessor) for p in gen.transformer.attn_processors.values())
+    texts = ["a large red circle top left", "two small blue squares"]
+    ours = pipe.generate(texts, [3, 4])
+    theirs = gen(texts, seeds=[3, 4], output_type="pt").images
+    assert theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-6)
+    assert not torch.allclose(ours[0], ours[1], atol=1e-2)  # the captions matter
+    pil = gen(texts[:1], seeds=[3]).images[0]
+    assert pil.size == (32, 32)
+    # The stock SD3 pipeline on the exported parts (pixel-space toy: no VAE, so it returns latents).
+    stock = StableDiffusion3Pipeline(transformer=gen.transformer, scheduler=gen.scheduler, vae=None, text_encoder=None,
+                                     tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                     tokenizer_3=None)
+    latents = stock(**gen.sd3_inputs(texts[:1]), latents=gen.noise([3]), guidance_scale=1.0, height=32, width=32,
+                    num_inference_steps=pipe.num_steps, output_type="latent").images
+    assert torch.allclose(((latents + 1) / 2).clamp(0, 1), ours[:1], atol=1e-5)
+    card = (path / "README.md").read_text()
+    assert "DiffusionPipeline.from_pretrained" in card and "PeftModel.from_pretrained" in card
 
 
 def test_command_lines(pipe, references, tmp_path, capsys):
@@ -244,3 +279,29 @@ def test_rows_left_by_an_interrupted_sharded_bench_are_kept(pipe, references, tm
     assert sum(redrawn) == 3  # images 7, 8, 9
     assert resumed["backbones"] == full["backbones"] and resumed["images"] == 10
     assert not list(out.glob("results.jsonl.rank*"))
+
+
+def test_grid_and_sweep_plot_images(tmp_path):
+    """bench grid.png: 2 rows x 3 cells of 8x8 images with 2 px white gutters is 22 x 32 px, each image at its
+    cell and a missing cell white. The sweep plot is a PNG with one bar per run."""
+    from PIL import Image
+
+    from uae_lightning.bench.io import save_grid
+    from uae_lightning.sweeps import write_plot
+
+    red, blue = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
+    red[0], blue[2] = 1.0, 1.0
+    save_grid([[red, blue, red], [blue, blue]], tmp_path / "grid.png")
+    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "grid.png"))).float() / 255
+    assert grid.shape == (22, 32, 3)
+    assert grid[0, 0].tolist() == [1, 1, 1] and grid[5, 5].tolist() == [1, 0, 0]  # gutter; first cell red
+    assert grid[5, 15].tolist() == [0, 0, 1] and grid[15, 5].tolist() == [0, 0, 1]  # row 1 cell 2; row 2 cell 1
+    assert grid[15, 25].tolist() == [1, 1, 1]  # the short row's missing cell
+    rows = [{"run": "a", "overrides": ["lr=1", "x=1"], "metrics": {"g4u/reward": 0.5}},
+            {"run": "b", "overrides": ["lr=2", "x=1"], "metrics": {"g4u/reward": 0.61}},
+            {"run": "c", "overrides": ["lr=3", "x=1"], "metrics": {}}]
+    write_plot(rows, tmp_path, "g4u/reward")
+    w, h = Image.open(tmp_path / "sweep.png").size
+    assert w > 500 and h > 150
+    with pytest.raises(ValueError, match="no run logged"):
+        write_plot(rows, tmp_path, "u4g/reward")

@@ -176,6 +176,9 @@ def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir
     from safetensors.torch import load_file
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+    from diffusers import DiffusionPipeline
+
+    from uae_lightning.decoder_pipeline import PooledProjection
     from uae_lightning.models.connector import Connector
     from uae_lightning.models.decoder import Decoder
     from uae_lightning.models.encoder import Encoder
@@ -184,19 +187,18 @@ def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir
     export = tmp_path / "exports" / "uae"
     meta = json.loads((export / "uae_pipeline.json").read_text())
     assert meta["bench"]["backbones"] == ["clip", "dinov2", "dinov3", "longclip"] and meta["resolution"] == 64
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(export / "encoder", dtype=torch.bfloat16)
+    d = export / "decoder"
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(d / "text_encoder", dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(base, export / "encoder_adapter").get_base_model()
     e = meta["model"]["encoder"]
-    encoder = Encoder(model, AutoProcessor.from_pretrained(export / "encoder"), prompt=e["prompt"],
+    encoder = Encoder(model, AutoProcessor.from_pretrained(d / "processor"), prompt=e["prompt"],
                       generate_role=e["generate_role"], prompt_position=e["prompt_position"],
                       generation_prompt=e["generation_prompt"], max_condition_tokens=e["max_condition_tokens"])
-    c = json.loads((export / "connector" / "config.json").read_text())
-    connector = Connector(c["in_dim"], c["out_dim"], c["hidden_multiplier"])
-    connector.load_state_dict(load_file(export / "connector" / "model.safetensors"))
-    d = export / "decoder"
+    connector = Connector.from_pretrained(d / "connector")
     decoder = Decoder(SD3Transformer2DModel.from_pretrained(d / "transformer", torch_dtype=torch.bfloat16),
                       FlowMatchEulerDiscreteScheduler.from_pretrained(d / "scheduler"),
-                      AutoencoderKL.from_pretrained(d / "vae", torch_dtype=torch.bfloat16), torch.load(d / "pooled.pt"))
+                      AutoencoderKL.from_pretrained(d / "vae", torch_dtype=torch.bfloat16),
+                      PooledProjection.from_pretrained(d / "pooled").vector)
     assert decoder.scheduler.config.shift == 3.0
     ours = UAEPipeline.from_run(run)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -210,3 +212,7 @@ def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir
     reloaded = redraw(encoder, connector, decoder, texts, ours.noise([3, 4]), meta["num_steps"],
                       meta["guidance_scale"], meta["negative_prompt"])
     assert torch.equal(reloaded, ours.generate(texts, [3, 4]))
+    # diffusers' own entry point on the decoder folder: the same images (CFG 5 against the official negative prompt)
+    gen = DiffusionPipeline.from_pretrained(d, custom_pipeline=str(d), trust_remote_code=True,
+                                            dtype={"default": torch.bfloat16, "connector": torch.float32})
+    assert torch.equal(gen(texts, seeds=[3, 4], output_type="pt").images, reloaded)

@@ -9,12 +9,15 @@ from Hugging Face formats.
 
 Export layout (each part loads with its library's own `from_pretrained`):
 
-    encoder/          Qwen2_5_VLForConditionalGeneration + processor (base weights, no adapter)
-    encoder_adapter/  the captioner's LoRA as a peft adapter (adapter_config.json, adapter_model.safetensors)
-    connector/        config.json + model.safetensors
-    decoder/          a diffusers layout: transformer/, scheduler/, vae/ (latent decoders), pooled.pt
-    uae_pipeline.json resolution, sampling defaults, the run's Unified-Bench settings (`bench`), and the model
-                      settings that are not in the parts above
+    decoder/          a diffusers pipeline (decoder_pipeline.UAEDecoderPipeline: caption text -> image):
+                      model_index.json, pipeline.py, text_encoder/ (Qwen2_5_VLForConditionalGeneration, base
+                      weights), processor/, connector/ and pooled/ (diffusers models), transformer/, scheduler/,
+                      vae/ (latent decoders)
+    encoder_adapter/  the captioner's LoRA for decoder/text_encoder as a peft adapter (adapter_config.json,
+                      adapter_model.safetensors): the captioner is the text encoder with this adapter
+    uae_pipeline.json resolution, sampling defaults, the run's Unified-Bench settings (`bench`) and stage metrics,
+                      and the model settings that are not in the parts above
+    README.md         the model card: what it is, the stages and metrics that produced it, how to load it
 
 The command line (`python -m uae_lightning.pipeline --help`) captions, generates, reconstructs and exports.
 """
@@ -37,6 +40,11 @@ from uae_lightning.models.lora import base_part, has_adapter, lora_config
 from uae_lightning.models.weights import load_weights
 
 EXPORT_FILE = "uae_pipeline.json"
+# decoder/pipeline.py: lets diffusers' own DiffusionPipeline.from_pretrained(<decoder>, custom_pipeline=<decoder>,
+# trust_remote_code=True) find the pipeline class (one import line: this package must be installed).
+PIPELINE_SHIM = '''"""uae_lightning's decoder pipeline (caption text -> image); needs `pip install uae_lightning`."""
+from uae_lightning.decoder_pipeline import UAEDecoderPipeline  # noqa: F401
+'''
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter of a whole model
 
 
@@ -91,7 +99,7 @@ PIPELINE_KEYS = ("num_steps", "max_new_tokens", "guidance_scale", "negative_prom
 class UAEPipeline(nn.Module):
     def __init__(self, encoder, connector, decoder, resolution: int, model_cfg: dict, num_steps: int = 28,
                  max_new_tokens: int = 512, guidance_scale: float = 1.0, negative_prompt: str = "",
-                 encoder_lora: dict | None = None, bench: dict | None = None):
+                 encoder_lora: dict | None = None, bench: dict | None = None, summary: dict | None = None):
         super().__init__()
         self.encoder, self.connector, self.decoder = encoder, connector, decoder
         self.resolution = resolution
@@ -102,6 +110,8 @@ class UAEPipeline(nn.Module):
         self.encoder_lora = encoder_lora
         # The Unified-Bench settings of the run this came from (seed, batch_size, backbones, backbone_sources).
         self.bench = dict(bench or {})
+        # The run's summary (stage metrics, Unified-Bench scores) when it came from a run: for the model card.
+        self.summary = summary
         self.eval().requires_grad_(False)
 
     @classmethod
@@ -136,24 +146,37 @@ class UAEPipeline(nn.Module):
             raise FileNotFoundError(f"{run_dir}: stage {stage!r} has not finished; finished: {finished}")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), stage)
+        chain = list(cfg.run)[: list(cfg.run).index(stage) + 1]
+        summary = {"stages": {s: json.loads((run_dir / s / "done.json").read_text())["metrics"] for s in chain
+                              if (run_dir / s / "done.json").is_file()}}
+        if (run_dir / "summary.json").is_file():
+            summary["unified_bench"] = {k: v for k, v in json.loads((run_dir / "summary.json").read_text())
+                                        .get("unified_bench", {}).items() if k in chain}
+        if cfg.get("init_from"):
+            summary["init_from"] = str(cfg.init_from)
         return cls.from_weights(run_dir / stage / "weights.safetensors", model_cfg, settings["resolution"],
-                                **{"bench": settings, **{k: settings[k] for k in PIPELINE_KEYS}, **kwargs})
+                                **{"bench": settings, "summary": summary, **{k: settings[k] for k in PIPELINE_KEYS},
+                                   **kwargs})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "UAEPipeline":
         """Load an export written by `save_pretrained`; the encoder and decoder load through the same
         `from_pretrained` code path as Hugging Face hub checkpoints."""
+        from uae_lightning.models.connector import Connector
+
         path = Path(path)
         meta_file = path / EXPORT_FILE
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path} is not a uae_lightning export (no {EXPORT_FILE})")
         meta = json.loads(meta_file.read_text())
         cfg = meta["model"]
-        cfg["encoder"]["pretrained"] = str(path / "encoder")
-        cfg["decoder"]["pretrained"] = str(path / "decoder")
-        cfg["decoder"]["pooled"] = str(path / "decoder" / "pooled.pt")
+        dec = path / "decoder"
+        cfg["encoder"]["pretrained"] = str(dec / "text_encoder")
+        cfg["encoder"]["processor"] = str(dec / "processor")
+        cfg["decoder"]["pretrained"] = str(dec)
+        cfg["decoder"]["pooled"] = str(dec / "pooled")
         encoder, connector, decoder = build_autoencoder(cfg, meta["resolution"])
-        connector.load_state_dict(load_file(str(path / "connector" / "model.safetensors")))
+        connector.load_state_dict(Connector.from_pretrained(dec / "connector").state_dict())
         lora = None
         adapter_dir = path / "encoder_adapter"
         if adapter_dir.is_dir():
@@ -167,16 +190,43 @@ class UAEPipeline(nn.Module):
             lora = meta.get("encoder_lora")
         defaults = {k: meta[k] for k in PIPELINE_KEYS}
         return cls(encoder, connector, decoder, meta["resolution"], cfg, encoder_lora=lora,
-                   **{**defaults, "bench": meta.get("bench"), **kwargs})
+                   **{**defaults, "bench": meta.get("bench"), "summary": meta.get("summary"), **kwargs})
+
+    def decoder_pipeline(self):
+        """The decoder half as a diffusers pipeline (decoder_pipeline.UAEDecoderPipeline) sharing these modules; its
+        text encoder is the encoder without the captioner adapter, as the decoder is always conditioned."""
+        from uae_lightning.decoder_pipeline import PooledProjection, UAEDecoderPipeline
+
+        pooled = PooledProjection(self.decoder.pooled.numel())
+        pooled.vector.copy_(self.decoder.pooled)
+        e, enc = self.model_cfg["encoder"], self.encoder
+        return UAEDecoderPipeline(
+            text_encoder=enc.model, processor=enc.processor, connector=self.connector, pooled=pooled,
+            transformer=self.decoder.transformer, scheduler=self.decoder.scheduler, vae=self.decoder.vae,
+            prompt=enc.prompt, generate_role=enc.generate_role, prompt_position=e.get("prompt_position", "after_image"),
+            generation_prompt=e.get("generation_prompt", False), max_condition_tokens=enc.max_condition_tokens,
+            condition_padding=enc.condition_padding, resolution=self.resolution, num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the export (layout in the module docstring); returns its directory."""
+        """Write the export (layout in the module docstring) and its model card; returns its directory."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         enc = self.encoder.model
         adapter = has_adapter(enc)
-        enc.save_pretrained(path / "encoder", state_dict=base_part(enc.state_dict()) if adapter else None)
-        self.encoder.processor.save_pretrained(path / "encoder")
+        dec = path / "decoder"
+        pipe = self.decoder_pipeline()
+        pipe.save_config(dec)  # model_index.json: the pipeline class, its components and settings
+        (dec / "pipeline.py").write_text(PIPELINE_SHIM)
+        # The parts, each with its own library's save_pretrained; the text encoder without the captioner adapter.
+        enc.save_pretrained(dec / "text_encoder", state_dict=base_part(enc.state_dict()) if adapter else None)
+        self.encoder.processor.save_pretrained(dec / "processor")
+        self.connector.save_pretrained(dec / "connector")
+        pipe.pooled.save_pretrained(dec / "pooled")
+        self.decoder.transformer.save_pretrained(dec / "transformer")
+        self.decoder.scheduler.save_pretrained(dec / "scheduler")
+        if self.decoder.vae is not None:
+            self.decoder.vae.save_pretrained(dec / "vae")
         if adapter:
             adapter_dir = path / "encoder_adapter"
             adapter_dir.mkdir(exist_ok=True)
@@ -185,28 +235,18 @@ class UAEPipeline(nn.Module):
             lora_config(self.encoder_lora).save_pretrained(str(adapter_dir))
             sd = get_peft_model_state_dict(enc)
             save_file({PEFT_PREFIX + k: v.contiguous() for k, v in sd.items()}, str(adapter_dir / "adapter_model.safetensors"))
-        (path / "connector").mkdir(exist_ok=True)
-        (path / "connector" / "config.json").write_text(json.dumps(
-            {"in_dim": self.connector.in_dim, "out_dim": self.connector.out_dim,
-             "hidden_multiplier": self.connector[0].out_features // self.connector.in_dim}))
-        save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(path / "connector" / "model.safetensors"))
-        dec = path / "decoder"
-        self.decoder.transformer.save_pretrained(dec / "transformer")
-        self.decoder.scheduler.save_pretrained(dec / "scheduler")
-        if self.decoder.vae is not None:
-            self.decoder.vae.save_pretrained(dec / "vae")
-        torch.save(self.decoder.pooled.detach().cpu().clone(), dec / "pooled.pt")
         cfg = json.loads(json.dumps(self.model_cfg))
         cfg["decoder"]["vae"] = self.decoder.vae is not None
         meta = {"resolution": self.resolution, "num_steps": self.num_steps, "max_new_tokens": self.max_new_tokens,
-                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "encoder_lora": self.encoder_lora, "bench": self.bench, "model": cfg}
+                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt, "encoder_lora": self.encoder_lora, "bench": self.bench, "summary": self.summary, "model": cfg}
         (path / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
+        (path / "README.md").write_text(model_card(meta, adapter, self.summary))
         return path
 
     # ---- inference -------------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.connector[0].weight.device
+        return self.connector.net[0].weight.device
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         size = self.decoder.latent_size(self.resolution)
@@ -234,6 +274,56 @@ class UAEPipeline(nn.Module):
         """Image -> caption -> image: the auto-encoder round trip; returns the captions and the redrawn images."""
         texts = self.caption(images)
         return texts, self.generate(texts, seeds, num_steps)
+
+
+def model_card(meta: dict, adapter: bool, summary: dict | None) -> str:
+    """README.md of an export: what it is, how it was trained (the stage chain and its metrics), the inference
+    settings, and how to load it with each library."""
+    enc, dec = meta["model"]["encoder"], meta["model"]["decoder"]
+    lines = ["---", "library_name: diffusers", "tags: [uae, unified-multimodal, image-to-text, text-to-image]", "---",
+             "# UAE auto-encoder (uae_lightning export)", "",
+             "A unified auto-encoder (UAE, arXiv 2509.09666): a vision-language model writes a caption of an image "
+             "(the encoder) and a diffusion model redraws the image from that caption alone (the decoder); both were "
+             "trained on how close the redrawn image is to the original.", "",
+             f"- Encoder: Qwen2.5-VL architecture (`decoder/text_encoder`, {enc.get('pretrained') or enc['architecture']})"
+             + ("; the captioner is it plus the LoRA adapter in `encoder_adapter/`" if adapter else ""),
+             f"- Decoder: SD3 MMDiT (`decoder/transformer`, {dec.get('pretrained') or dec['architecture']}), "
+             + ("its VAE" if dec.get("vae") else "pixel space (no VAE)") + ", conditioned through `decoder/connector`",
+             "", "## Training", ""]
+    if summary and summary.get("stages"):
+        if summary.get("init_from"):
+            lines.append(f"Started from `{summary['init_from']}`.")
+        lines += ["| stage | metric | value |", "|---|---|---:|"]
+        for stage, metrics in summary["stages"].items():
+            lines += [f"| {stage} | {k} | {v:.4f} |" for k, v in metrics.items() if v is not None]
+            score = (summary.get("unified_bench") or {}).get(stage)
+            if score is not None:
+                lines.append(f"| {stage} | Unified-Bench overall | {score:.2f} |")
+    else:
+        lines.append("Not recorded (this export was not written from a run directory).")
+    lines += ["", "## Inference settings", "",
+              f"- resolution {meta['resolution']}, {meta['num_steps']} sampling steps, classifier-free guidance "
+              f"{meta['guidance_scale']}" + (f" against \"{meta['negative_prompt']}\"" if meta["negative_prompt"] else ""),
+              f"- captions: greedy, at most {meta['max_new_tokens']} new tokens, prompt \"{enc['prompt']}\"",
+              "", "## Loading", "", "```python",
+              "# the whole auto-encoder (caption, generate, reconstruct)",
+              "from uae_lightning.pipeline import UAEPipeline",
+              "pipe = UAEPipeline.from_pretrained(\"<this folder>\")",
+              "texts, images = pipe.reconstruct(images)            # float [B,3,H,W] in [0,1]", "",
+              "# diffusers: caption text -> image",
+              "from diffusers import DiffusionPipeline",
+              "gen = DiffusionPipeline.from_pretrained(\"<this folder>/decoder\", custom_pipeline=\"<this folder>/decoder\",",
+              "                                        trust_remote_code=True)   # decoder/pipeline.py imports uae_lightning",
+              "image = gen([\"a red circle top left\"], seeds=[0]).images[0]", ""]
+    if adapter:
+        lines += ["# transformers + peft: the captioner",
+                  "from peft import PeftModel",
+                  "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
+                  "base = Qwen2_5_VLForConditionalGeneration.from_pretrained(\"<this folder>/decoder/text_encoder\")",
+                  "captioner = PeftModel.from_pretrained(base, \"<this folder>/encoder_adapter\")",
+                  "processor = AutoProcessor.from_pretrained(\"<this folder>/decoder/processor\")"]
+    lines += ["```", ""]
+    return "\n".join(lines)
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import yaml
-from PIL import Image, ImageDraw, ImageFont
 
 
 def final_scalars(tb_dir: Path) -> dict[str, float]:
@@ -72,33 +71,29 @@ def write_table(rows: list[dict], out: Path, metrics: list[str]) -> None:
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
 
 
-def write_plot(rows: list[dict], out: Path, metric: str, width: int = 900, bar_h: int = 34) -> None:
-    """A horizontal bar chart of `metric` per run (PIL only; no plotting library needed)."""
+def write_plot(rows: list[dict], out: Path, metric: str) -> None:
+    """A horizontal bar chart of `metric` per run (matplotlib, file output only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
     names = labels(rows)
     values = [r["metrics"].get(metric) for r in rows]
-    present = [v for v in values if v is not None]
-    if not present:
+    if all(v is None for v in values):
         raise ValueError(f"no run logged {metric!r}")
-    font = ImageFont.load_default()
-    left, top = 16 + max(int(font.getlength(n)) for n in names), 40
-    img = Image.new("RGB", (width, top + bar_h * len(rows) + 20), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), metric, fill="black", font=font)
-    lo, hi = min(0.0, *present), max(0.0, *present)
-    span = (hi - lo) or 1.0
-    plot_w = width - left - 90
-    zero = left + int((0 - lo) / span * plot_w)
-    for i, (name, v) in enumerate(zip(names, values)):
-        y = top + i * bar_h
-        d.text((8, y + 10), name, fill="black", font=font)
-        if v is None:
-            d.text((left, y + 10), "n/a", fill="gray", font=font)
-            continue
-        x = left + int((v - lo) / span * plot_w)
-        d.rectangle([min(zero, x), y + 6, max(zero, x) + 1, y + bar_h - 6], fill=(70, 110, 190))
-        d.text((max(zero, x) + 6, y + 10), f"{v:.4f}", fill="black", font=font)
-    d.line([zero, top - 4, zero, top + bar_h * len(rows)], fill="black")
-    img.save(out / "sweep.png")
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.2))
+    y = list(range(len(rows)))
+    bars = ax.barh(y, [v if v is not None else 0.0 for v in values], color="#4670be")
+    ax.bar_label(bars, labels=[f"{v:.4f}" if v is not None else "n/a" for v in values], padding=3, fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()  # first run on top, as in the table
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(metric)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

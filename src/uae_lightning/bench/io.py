@@ -50,12 +50,10 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
 
 
 def save_grid(rows: list[list[torch.Tensor]], path: str | Path, pad: int = 2) -> None:
-    """Rows of equally sized images as one PNG (white gutters)."""
-    h, w = rows[0][0].shape[1:]
+    """Rows of equally sized images as one PNG (white gutters; a short row is filled with white)."""
+    from torchvision.utils import make_grid
+
     cols = max(len(r) for r in rows)
-    canvas = torch.ones(3, len(rows) * (h + pad) + pad, cols * (w + pad) + pad)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, y : y + h, x : x + w] = img.detach().float().cpu()
-    save_png(canvas, path)
+    blank = torch.ones_like(rows[0][0])
+    cells = [img.detach().float().cpu() for r in rows for img in [*r, *[blank] * (cols - len(r))]]
+    save_png(make_grid(cells, nrow=cols, padding=pad, pad_value=1.0), path)

@@ -97,7 +97,7 @@ def build_encoder(cfg: dict, resolution: int, condition_padding: str, empty: boo
     `empty`: the same model without weights (`weightless`), for a rank that receives them from rank 0."""
     dtype = _dtype(cfg["dtype"], "model.encoder.dtype")
     if cfg.get("pretrained"):
-        processor = AutoProcessor.from_pretrained(cfg["pretrained"])
+        processor = AutoProcessor.from_pretrained(cfg.get("processor") or cfg["pretrained"])
         if empty:
             with weightless(True):
                 model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(cfg["pretrained"]),
@@ -148,9 +148,16 @@ def _pooled(cfg: dict, dim: int) -> torch.Tensor:
     if spec == "sd3_empty_prompt":
         return empty_prompt_pooled(cfg["pretrained"])
     path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"model.decoder.pooled={spec!r}: expected 'zeros', 'sd3_empty_prompt' or a .pt file")
-    vec = torch.load(path, map_location="cpu").reshape(-1)
+    if (path / "config.json").is_file():  # an export's decoder/pooled (decoder_pipeline.PooledProjection)
+        from uae_lightning.decoder_pipeline import PooledProjection
+
+        vec = PooledProjection.from_pretrained(path).vector
+    elif path.is_file():
+        vec = torch.load(path, map_location="cpu").reshape(-1)
+    else:
+        raise ValueError(f"model.decoder.pooled={spec!r}: expected 'zeros', 'sd3_empty_prompt', a .pt file or an "
+                         "export's decoder/pooled folder")
+    vec = vec.reshape(-1)
     if vec.numel() != dim:
         raise ValueError(f"model.decoder.pooled: {path} holds {vec.numel()} values; the decoder expects {dim}")
     return vec
