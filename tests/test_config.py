@@ -181,3 +181,19 @@ def test_a_wrong_model_or_backbone_source_stops_the_run_before_any_stage(tmp_pat
     with pytest.raises(ConfigError, match=named):
         run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_help_is_the_packages_own():
+    """`python -m uae_lightning --help`: what the default does, the presets, the stages, the main keys and the
+    commands for SLURM, sweeps, the bench and the pipeline — not Hydra's generic text."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "uae_lightning", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "powered by Hydra" not in text
+    for needle in ("embedded toy pipeline", "+experiment=u4g", "hydra/launcher=submitit_slurm", "init_from",
+                   "python -m uae_lightning.sweeps", "python -m uae_lightning.bench run",
+                   "python -m uae_lightning.pipeline", "experiment: cold_start, g4u, pretrain"):
+        assert needle in text, needle
