@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import sys
+import warnings
 from contextlib import contextmanager
 import re
 import shutil
@@ -44,6 +45,34 @@ from uae_lightning.rewards.callback import RewardCallback
 from uae_lightning.stages.base import NonFiniteError
 
 log = logging.getLogger("uae_lightning")
+
+# Third-party notices a user of this package cannot act on, silenced where they arise (each one checked against what
+# the package does): Lightning's advertisement for its cloud logger and its accelerator inventory (the run's own
+# log says where it runs); its advice to launch with srun (the SLURM launcher does; a login-node run is meant to be
+# local); the skipped validation loop (held-out evaluation is the test loop, by design); its note that
+# manual-optimisation checkpoints hold the weights after the step (what a resume needs); its own internal
+# deprecation (pytree); the max_steps stop (every stage stops there); diffusers' note on casting a model that has
+# no float32-only modules.
+for _message in (r"The `srun` command is available on your system but is not used",
+                 r"You passed in a `val_dataloader` but have no `validation_step`",
+                 r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+                 r"`isinstance\(treespec, LeafSpec\)` is deprecated"):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.starts)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    _DropMessages("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped: `max_steps="))
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    _DropMessages("There are modules in SD3Transformer2DModel that should be kept in float32: []"))
 
 
 def run_name(override_dirname: str) -> str:
@@ -315,6 +344,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         summary["stages"][name] = result["metrics"]
         init_from = result["weights"]
         summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if not k.startswith("data/"))
+        log.info("stage %s done: %s; Unified-Bench %.2f", name, shown, summary["unified_bench"][name])
     if rank_zero_only.rank != 0:
         return summary
     path = run_dir / "summary.json"
