@@ -186,3 +186,31 @@ def test_the_empty_prompt_pooled_vector_is_sd3s_computed_once_and_cached(tmp_pat
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     build.empty_prompt_pooled(str(sd3))
     assert len(loads) == 4
+
+
+def test_an_empty_build_has_the_same_parameters_and_ties_as_the_loaded_one(tmp_path):
+    """What a rank that receives its weights from rank 0 builds (models/build.py `empty`): the same state-dict keys,
+    shapes and dtypes as the loaded models, parameters on the meta device, real rotary buffers, and tied weights
+    still tied (accelerate's meta context unties them; two parameters where rank 0 has one desynchronise FSDP's
+    all-gathers)."""
+    from omegaconf import OmegaConf
+
+    from uae_lightning.models.build import build_autoencoder
+    from uae_lightning.rehearsal import save_qwen2_5_vl, save_sd35_large
+
+    qwen, sd3 = save_qwen2_5_vl(tmp_path / "qwen"), save_sd35_large(tmp_path / "sd3")
+    m = OmegaConf.to_container(compose_cfg(["+experiment=pretrain", f"model.encoder.pretrained={qwen}",
+                                            f"model.decoder.pretrained={sd3}", "data.manifest=x",
+                                            "model.decoder.pooled=zeros"]).model, resolve=True)
+    full, empty = build_autoencoder(m, 64), build_autoencoder(m, 64, empty=True)
+    for a, b in zip(full, empty):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all((sa[k].shape, sa[k].dtype) == (sb[k].shape, sb[k].dtype) for k in sa)
+        assert all(p.is_meta for p in b.parameters()) and not any(p.is_meta for p in a.parameters())
+    enc_full, enc_empty = full[0].model, empty[0].model
+    assert enc_full.config.tie_word_embeddings
+    assert enc_empty.lm_head.weight is enc_empty.get_input_embeddings().weight
+    assert len(list(enc_empty.parameters())) == len(list(enc_full.parameters()))
+    inv = dict(enc_empty.named_buffers())
+    assert inv and all(not b.is_meta for b in inv.values())

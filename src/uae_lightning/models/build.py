@@ -119,6 +119,10 @@ def build_encoder(cfg: dict, resolution: int, condition_padding: str, empty: boo
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B)).to(dtype)
     else:
         raise ValueError(f"model.encoder.architecture={cfg['architecture']!r}; expected one of {ENCODER_ARCHITECTURES}")
+    if empty:
+        # accelerate's meta context re-creates every parameter as it is registered, which unties tied weights (the
+        # 3B model's lm_head / embed_tokens): tie them again, or FSDP would shard two parameters where rank 0 has one.
+        model.tie_weights()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     set_image_budget(processor, cfg.get("min_pixels"), cfg.get("max_pixels"))
     return Encoder(
