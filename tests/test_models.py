@@ -28,7 +28,7 @@ def test_paper_scale_shapes_on_meta_device():
         enc = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_3B))
         dit = SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
         conn = Connector(enc.config.text_config.hidden_size, dit.config.joint_attention_dim)
-    assert [tuple(l.weight.shape) for l in (conn[0], conn[2])] == [(8192, 2048), (4096, 8192)]
+    assert [tuple(l.weight.shape) for l in (conn.net[0], conn.net[2])] == [(8192, 2048), (4096, 8192)]
     n_dit = sum(p.numel() for p in dit.parameters())
     n_enc = sum(p.numel() for p in enc.parameters())
     assert 8.0e9 < n_dit < 8.2e9  # SD3.5-large: 8.06 B
