@@ -61,9 +61,7 @@ class UAEDecoderPipeline(DiffusionPipeline):
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         """Initial noise, one CPU generator per seed (the same draw on any device)."""
-        size = self._decoder.latent_size(self.config.resolution)
-        return torch.stack([torch.randn(self._decoder.latent_channels, size, size,
-                                        generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return self._decoder.seeded_noise(seeds, self.config.resolution)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -249,9 +249,7 @@ class UAEPipeline(nn.Module):
         return self.connector.net[0].weight.device
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
-        size = self.decoder.latent_size(self.resolution)
-        return torch.stack([torch.randn(self.decoder.latent_channels, size, size,
-                                        generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
+        return self.decoder.seeded_noise(seeds, self.resolution).to(self.device)
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:

@@ -46,6 +46,13 @@ class Decoder(nn.Module):
             return resolution
         return resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
 
+    def seeded_noise(self, seeds: list[int], resolution: int) -> torch.Tensor:
+        """Initial noise at `resolution`, one CPU generator per seed: an image's draw depends only on its seed, not
+        on its batch, rank or device (on CPU; move it where it is used)."""
+        size = self.latent_size(resolution)
+        return torch.stack([torch.randn(self.latent_channels, size, size, generator=torch.Generator().manual_seed(s))
+                            for s in seeds])
+
     # ---- latents <-> images -------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] -> z0 (scaled and shifted by the VAE config, PAPER.md stage 1)."""

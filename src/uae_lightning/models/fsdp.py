@@ -119,7 +119,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-
 class TrainableStateStrategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy whose sharded (distributed-checkpoint) resume reads only the parameters the
     stage trains: the stage's checkpoints hold no frozen weight (UAEStage.on_save_checkpoint), which Lightning's own

@@ -299,10 +299,7 @@ class UAEStage(L.LightningModule):
     def image_noise(self, batch: dict, seed: int) -> torch.Tensor:
         """Held-out noise, one draw per image from `seed` + the image's index in the split: the same for an image
         whichever rank and batch it falls in."""
-        size = self.decoder.latent_size(self.resolution)
-        return torch.stack([torch.randn(self.decoder.latent_channels, size, size,
-                                        generator=torch.Generator().manual_seed(seed + i)) for i in batch["index"]]
-                           ).to(self.device)
+        return self.decoder.seeded_noise([seed + i for i in batch["index"]], self.resolution).to(self.device)
 
     # Held-out metrics: per-image values summed (padding weighs 0) on each rank, then over all ranks at the end of the
     # test; logged as sum / count, so N ranks report what one process reports.
