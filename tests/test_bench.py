@@ -282,8 +282,10 @@ def test_rows_left_by_an_interrupted_sharded_bench_are_kept(pipe, references, tm
 
 
 def test_grid_and_sweep_plot_images(tmp_path):
-    """bench grid.png: 2 rows x 3 cells of 8x8 images with 2 px white gutters is 22 x 32 px, each image at its
-    cell and a missing cell white. The sweep plot is a PNG with one bar per run."""
+    """bench grid.png: one line per image at a readable size (960 px wide, 184 px per line), each 8 px image drawn
+    large (nearest-neighbour: > 100 x 100 px of pure red for the red original and its red reconstruction), the
+    captions in the PNG's Description. The sweep plot is a PNG with one bar per run."""
+    import numpy as np
     from PIL import Image
 
     from uae_lightning.bench.io import save_grid
@@ -291,12 +293,18 @@ def test_grid_and_sweep_plot_images(tmp_path):
 
     red, blue = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
     red[0], blue[2] = 1.0, 1.0
-    save_grid([[red, blue, red], [blue, blue]], tmp_path / "grid.png")
-    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "grid.png"))).float() / 255
-    assert grid.shape == (22, 32, 3)
-    assert grid[0, 0].tolist() == [1, 1, 1] and grid[5, 5].tolist() == [1, 0, 0]  # gutter; first cell red
-    assert grid[5, 15].tolist() == [0, 0, 1] and grid[15, 5].tolist() == [0, 0, 1]  # row 1 cell 2; row 2 cell 1
-    assert grid[15, 25].tolist() == [1, 1, 1]  # the short row's missing cell
+    save_grid([{"name": "a.png", "original": red, "reconstruction": blue, "caption": "a red square", "score": 51.0},
+               {"name": "b.png", "original": blue, "reconstruction": red, "caption": "a blue square", "score": None}],
+              tmp_path / "grid.png")
+    image = Image.open(tmp_path / "grid.png")
+    assert image.size == (960, 368)
+    assert image.info["Description"] == "a.png: a red square\nb.png: a blue square"
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    is_red = (pixels == [255, 0, 0]).all(-1)
+    assert is_red.sum() > 2 * 100 * 100
+    top, bottom = is_red[:184], is_red[184:]
+    assert top[:, :480].sum() > 100 * 100 and bottom[:, :480].sum() > 100 * 100  # one red cell per line
+    assert not is_red[:, 480:].any()  # the caption column holds text only
     rows = [{"run": "a", "overrides": ["lr=1", "x=1"], "metrics": {"g4u/reward": 0.5}},
             {"run": "b", "overrides": ["lr=2", "x=1"], "metrics": {"g4u/reward": 0.61}},
             {"run": "c", "overrides": ["lr=3", "x=1"], "metrics": {}}]

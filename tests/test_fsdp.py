@@ -93,6 +93,7 @@ def test_every_stage_trains_under_fsdp2_in_the_paper_precision_and_exports(tmp_p
                  "stages.g4u.data.batch_size=2", "stages.u4g.data.batch_size=2", "stages.g4u.module.group_size=2",
                  "stages.u4g.module.group_size=2", "stages.u4g.module.num_steps=2", f"trainer.precision={precision}",
                  "stages.u4g.module.advantage_scale=batch",  # the paper preset's: the batch std gathered from both ranks
+                 "stages.g4u.trainer.val_check_interval=1", "stages.u4g.trainer.val_check_interval=1",  # sharded in-fit evals
                  "model.encoder.dtype=bfloat16", "model.decoder.dtype=bfloat16"]
     worker(tmp_path, *overrides)
     probes = {s: [json.loads((tmp_path / f"{s}_rank{r}.json").read_text())["probe"] for r in (0, 1)]
@@ -103,6 +104,13 @@ def test_every_stage_trains_under_fsdp2_in_the_paper_precision_and_exports(tmp_p
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["unified_bench"]) == {"pretrain", "captioner", "cold_start", "g4u", "u4g"}
     assert all((run / s / "checkpoints" / "last.ckpt").is_dir() for s in summary["unified_bench"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage, batches in (("g4u", 1), ("u4g", 2)):  # G4U: 2 optimizer steps = 1 rollout batch x 2 inner updates
+        ea = EventAccumulator(str(run / stage / "tensorboard"))
+        ea.Reload()
+        steps = [e.step for e in ea.Scalars("heldout/reward")]
+        assert steps == [0, *range(batches), batches], (stage, steps)  # start, one evaluation per batch, final test
     from uae_lightning.pipeline import UAEPipeline
 
     from safetensors.torch import load_file

@@ -34,8 +34,8 @@ def test_g4u_first_inner_update_is_on_policy_and_summary_reports_before_and_afte
                        "stages.g4u.module.kl_beta=0.04"])
     summary = run_pipeline(cfg, tmp_path)["stages"]["g4u"]
     assert len(seen) == 2 and max(seen) < 1e-5  # every token of every rollout batch, micro-batched (2 slices of <= 4)
-    assert {"reward_before", "reward_after", "informativeness_before", "informativeness_after",
-            "caption_length_before", "caption_length_after"} == set(summary)
+    assert {f"{k}_{when}" for k in ("reward", "informativeness", "caption_length")
+            for when in ("before", "after", "gain_se")} == set(summary)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(tmp_path / "g4u" / "tensorboard"))
@@ -123,7 +123,7 @@ def test_u4g_first_inner_update_is_on_policy_at_every_trained_step(tmp_path, mon
                        "stages.u4g.module.train_window=null"])
     summary = run_pipeline(cfg, tmp_path)["stages"]["u4g"]
     assert len(seen) == 2 and max(seen) < 1e-5
-    assert set(summary) == {"reward_before", "reward_after"}
+    assert {"reward_before", "reward_after", "reward_gain_se"} <= set(summary)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(tmp_path / "u4g" / "tensorboard"))
@@ -202,3 +202,58 @@ def test_g4u_makes_one_policy_pass_per_micro_batch_when_on_policy(tmp_path, monk
                        f"stages.g4u.module.num_iterations={num_iterations}"])
     run_pipeline(cfg, tmp_path)
     assert per_step == [[4, 2] * passes]
+
+
+def test_g4u_redraws_each_distinct_caption_of_a_group_once(compose_config):
+    """A rollout group shares one initial noise, so equal captions in a group give equal images: each distinct
+    (group, caption) is redrawn once and copied. Pinned: the number of captions drawn, and images and rewards equal
+    (1e-5) to redrawing every caption. A bug keying by caption alone (across groups, i.e. across noises) would draw 3
+    here, not 4, and give group 1's "a square" group 0's image."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(G4U_FAST)
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.g4u.module).items() if k != "_target_"}
+    stage = G4U(model=OmegaConf.to_container(cfg.model), resolution=32, **kw)
+    stage.configure_model()
+    reward = RewardCallback(cfg.reward.backbones, OmegaConf.to_container(cfg.backbone_sources))
+    texts = ["a red circle", "a square", "a red circle", "a red circle",   # group 0: 2 distinct
+             "a square", "a square", "a blue square", "a square"]         # group 1: 2 distinct
+    noise = torch.randn(2, stage.decoder.latent_channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    drawn = []
+    original = stage.redraw
+
+    def counting(texts, *args):
+        drawn.append(list(texts))
+        return original(texts, *args)
+
+    stage.redraw = counting
+    with torch.no_grad():
+        images, n = stage.redraw_distinct(texts, noise, 4, 3, 1.0)
+        every = original(texts, noise.repeat_interleave(4, 0), 3, 1.0)
+    assert n == 4 and drawn == [["a red circle", "a square", "a square", "a blue square"]]
+    assert torch.allclose(images, every, atol=1e-5)
+    references = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(reward.score(images, references), reward.score(every, references), atol=1e-5)
+    assert not torch.allclose(images[1], images[4], atol=1e-3)  # same caption, other group (noise): another image
+
+
+@pytest.mark.parametrize("same_test", [True, False])
+def test_a_stage_starts_from_the_previous_stages_final_test_when_it_measures_the_same(tmp_path, monkeypatch, same_test):
+    """G4U's starting point is cold start's final held-out test (same weights, same test settings): the numbers are
+    copied, not measured again, so the run makes 3 held-out tests, not 4. With another test setting (G4U redraws with
+    3 steps, cold start with 2) the starting point is measured."""
+    import uae_lightning.cli as cli
+
+    calls = []
+    original = cli.held_out_test
+    monkeypatch.setattr(cli, "held_out_test", lambda *a: calls.append(1) or original(*a))
+    cfg = compose_cfg([*G4U_FAST, "run=[cold_start,g4u]", "stages.cold_start.trainer.max_steps=1",
+                       "stages.cold_start.module.num_steps=2", "stages.cold_start.module.grad_last_steps=1",
+                       "stages.cold_start.module.eval_steps=2", "stages.cold_start.module.max_new_tokens=8",
+                       "stages.g4u.module.eval_max_new_tokens=8", "stages.g4u.trainer.max_steps=2",
+                       f"stages.g4u.module.eval_steps={2 if same_test else 3}"])
+    summary = run_pipeline(cfg, tmp_path)["stages"]
+    assert len(calls) == (3 if same_test else 4)
+    for k in ("reward", "caption_length", "informativeness"):
+        same = summary["g4u"][f"{k}_before"] == summary["cold_start"][f"{k}_after"]
+        assert same if same_test else (k != "reward" or not same)

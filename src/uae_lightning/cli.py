@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 import re
@@ -153,8 +154,47 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from: str | None) -> dict:
-    """Train one stage (or resume it), evaluate it on held-out data, save its weights; returns its done.json."""
+# Keys of the data config that do not change the held-out split (only how training batches are drawn and shaped).
+TRAIN_ONLY_DATA_KEYS = ("batch_size", "eval_batch_size", "num_workers", "train_size", "caption_levels")
+
+
+def heldout_key(cfg: DictConfig, name: str, module) -> dict | None:
+    """What a stage's held-out numbers depend on besides its weights: two stages with equal keys, the second starting
+    from the first's weights, measure the same starting point (None: the stage's test is its own)."""
+    own = module.heldout_settings()
+    if own is None:
+        return None
+    data = OmegaConf.to_container(_merged(cfg.data, cfg.stages[name].get("data")), resolve=True)
+    return json.loads(json.dumps({"test": own, "data": {k: v for k, v in data.items() if k not in TRAIN_ONLY_DATA_KEYS},
+                                  "model": OmegaConf.to_container(cfg.model, resolve=True),
+                                  "reward": OmegaConf.to_container(cfg.reward, resolve=True),
+                                  "precision": cfg.trainer.precision}))
+
+
+def held_out_test(trainer: L.Trainer, module, datamodule) -> dict:
+    """The stage's held-out test: {"metrics": mean per metric, "per_image": {metric: {index: value}}}."""
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return {"metrics": {k: float(v) for k, v in metrics.items() if not k.startswith("heldout/")},
+            "per_image": {k: {str(i): v for i, v in vals.items()} for k, vals in module.heldout_values.items()}}
+
+
+def paired_gains(before: dict, after: dict) -> dict[str, tuple[float, float, int]]:
+    """Per metric measured on the same images before and after: (mean gain, its standard error, images)."""
+    out = {}
+    for k, b in before["per_image"].items():
+        a = after["per_image"].get(k, {})
+        common = sorted(set(a) & set(b), key=int)
+        if len(common) < 2:
+            continue
+        d = torch.tensor([a[i] - b[i] for i in common], dtype=torch.float64)
+        out[k] = (float(d.mean()), float(d.std() / math.sqrt(len(d))), len(d))
+    return out
+
+
+def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from: str | None,
+              previous: dict | None = None) -> dict:
+    """Train one stage (or resume it), evaluate it on held-out data, save its weights; returns its done.json.
+    `previous`: the result of the stage that wrote `init_from` (its held-out test may be this stage's starting point)."""
     done_file = stage_dir / "done.json"
     settings = stage_settings(cfg, name)
     if done_file.exists():
@@ -165,7 +205,7 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
                               f"give this run another name= (or delete that stage's folder to train it again)")
         log.info("stage %s already finished in %s; reusing it", name, stage_dir)
         # Paths in done.json are relative to the stage directory, so a run can be moved or copied.
-        return {**done, "weights": str(stage_dir / done["weights"])}
+        return {**done, "weights": str(stage_dir / done["weights"]), "heldout": stage_dir / "heldout.json"}
     stage_dir.mkdir(parents=True, exist_ok=True)
     for left in remove_partial(stage_dir / "checkpoints"):
         log.warning("stage %s: removed %s, left by an interrupted checkpoint write", name, left.name)
@@ -182,30 +222,121 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     trainer = build_trainer(cfg, name, stage_dir)
     last = stage_dir / "checkpoints" / "last.ckpt"
     before_file = stage_dir / "before.json"
-    if module.report_before and not before_file.exists():
-        log.info("stage %s: measuring the starting point on held-out data", name)
-        before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        before_file.write_text(json.dumps({k: float(v) for k, v in before.items()}))
+    key = heldout_key(cfg, name, module)
+    before = json.loads(before_file.read_text()) if module.report_before and before_file.exists() else None
+    if before is not None and "metrics" not in before:  # written by an earlier version: the means only
+        before = {"metrics": before, "per_image": {}}
+    if module.report_before and before is None:
+        before = reusable_test(previous, init_from, key)
+        if before is not None:
+            log.info("stage %s: starting point = the held-out test that ended stage %s (same weights, same test)",
+                     name, previous["name"])
+            for logger in trainer.loggers:  # the held-out curves start at step 0, as a measured starting point would
+                logger.log_metrics({f"heldout/{k}": v for k, v in before["metrics"].items() if "/" not in k}, step=0)
+        else:
+            log.info("stage %s: measuring the starting point on held-out data", name)
+            with phase(module, "starting-point test"):
+                before = held_out_test(trainer, module, datamodule)
+        write_json(before_file, before)
     if last.exists():
         log.info("stage %s: resuming from %s", name, last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    with phase(module, "training, other"):  # checkpoints, logging, previews; rollouts and steps are counted apart
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     own = next(cb for cb in trainer.checkpoint_callbacks if Path(cb.dirpath) == last.parent)  # (a user may add others)
     if own._last_global_step_saved != trainer.global_step:
         # The stage's final state, so that a preemption during the test or the bench does not train again.
         save_last(trainer, last)
     log.info("stage %s: trained to step %d; held-out test", name, trainer.global_step)
-    metrics = {k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()}
-    if module.report_before:
-        before = json.loads(before_file.read_text())
-        metrics = {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in metrics.items()}}
+    with phase(module, "final test"):
+        after = held_out_test(trainer, module, datamodule)
+    metrics = after["metrics"]
+    if before is not None:
+        metrics = {**{f"{k}_before": v for k, v in before["metrics"].items()},
+                   **{f"{k}_after": v for k, v in metrics.items()},
+                   **{f"{k}_gain_se": se for k, (_, se, _) in paired_gains(before, after).items()}}
     weights = stage_dir / "weights.safetensors"
-    module.save_weights(weights)  # every rank (a sharded model is gathered first); rank 0 writes
+    with phase(module, "save weights"):
+        module.save_weights(weights)  # every rank (a sharded model is gathered first); rank 0 writes
     if trainer.is_global_zero:
         shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
+        write_json(stage_dir / "heldout.json", {"key": key, "weights": weights.name, **after})
         result = {"metrics": metrics, "weights": weights.name, "settings": settings, "global_step": trainer.global_step,
-                  "data": dict(module.data_counts)}
+                  "data": dict(module.data_counts), "timings": stage_timings(module)}
         done_file.write_text(json.dumps(result, indent=2))
-    return {"metrics": metrics, "weights": str(weights)}
+    return {"metrics": metrics, "weights": str(weights), "heldout": stage_dir / "heldout.json",
+            "timings": stage_timings(module)}
+
+
+@contextmanager
+def phase(module, name: str):
+    """Time a phase of a stage into module.timings, less what the module timed itself meanwhile (building the models,
+    rollouts, training steps, evaluations during training), so that no second is counted twice."""
+    def timed_inside() -> float:  # rollouts are inside the training steps: not counted twice
+        return sum(v for k, v in module.timings.items() if k != "rollouts")
+
+    inner = timed_inside()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        own = time.perf_counter() - t0 - (timed_inside() - inner)
+        module.timings[name] = module.timings.get(name, 0.0) + own
+
+
+def stage_timings(module) -> dict[str, float]:
+    """Seconds per phase; rollouts are part of the training steps, so "train steps" becomes "updates" (the rest)."""
+    t = dict(module.timings)
+    if "rollouts" in t and "train steps" in t:
+        t["updates"] = t.pop("train steps") - t["rollouts"]
+    return {k: round(v, 2) for k, v in t.items()}
+
+
+TIMING_COLUMNS = ["build", "starting-point test", "train steps", "rollouts", "updates", "evaluations in training",
+                  "training, other", "final test", "save weights", "Unified-Bench"]
+
+
+def timing_table(timings: dict[str, dict[str, float]]) -> str:
+    """Where the time went: seconds per stage and phase, and each stage's total."""
+    cols = [c for c in TIMING_COLUMNS if any(c in t for t in timings.values())]
+    cols += sorted({c for t in timings.values() for c in t} - set(cols))
+    head = ["stage", *cols, "total"]
+    rows = [[stage, *[f"{t[c]:.1f}" if c in t else "-" for c in cols], f"{sum(t.values()):.1f}"]
+            for stage, t in timings.items()]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "-" * len(fmt(head)), *map(fmt, rows)])
+
+
+def stage_line(metrics: dict) -> str:
+    """A stage's metrics in one line: `name value`, or `name before -> after (gain +- paired standard error)`."""
+    parts = []
+    for k, v in metrics.items():
+        if k.startswith("data/") or k.endswith("_gain_se") or k.endswith("_before"):
+            continue
+        if k.endswith("_after"):
+            base = k[: -len("_after")]
+            b, se = metrics.get(f"{base}_before"), metrics.get(f"{base}_gain_se")
+            gain = f" ({v - b:+.4f} +- {se:.4f})" if se is not None else ""
+            parts.append(f"{base} {b:.4f} -> {v:.4f}{gain}")
+        else:
+            parts.append(f"{k} {v:.4f}")
+    return ", ".join(parts)
+
+
+def write_json(path: Path, value) -> None:
+    if rank_zero_only.rank == 0:
+        path.write_text(json.dumps(value))
+
+
+def reusable_test(previous: dict | None, init_from: str | None, key: dict | None) -> dict | None:
+    """The previous stage's final held-out test, if it measured exactly what this stage's first test would: the
+    weights this stage starts from (the file it wrote), with the same test settings, data and reward. Every rank
+    reads the file (rank 0 wrote it before the barrier of the previous stage's bench)."""
+    if previous is None or key is None or init_from is None or not Path(previous["heldout"]).exists():
+        return None
+    saved = json.loads(Path(previous["heldout"]).read_text())
+    same_weights = Path(init_from) == Path(previous["heldout"]).parent / saved.get("weights", "")
+    return {k: saved[k] for k in ("metrics", "per_image")} if same_weights and saved.get("key") == key else None
 
 
 def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
@@ -337,21 +468,29 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     summary: dict = {"stages": {}, "unified_bench": {}}
-    init_from = cfg.init_from
+    timings: dict[str, dict[str, float]] = {}  # seconds per stage and phase (timings.json; not results)
+    init_from, previous = cfg.init_from, None
     for index, name in enumerate(cfg.run):
         log.info("=== stage %d/%d: %s ===", index + 1, len(cfg.run), name)
-        result = run_stage(cfg, name, index, run_dir / name, init_from)
+        result = run_stage(cfg, name, index, run_dir / name, init_from, previous)
+        previous = {**result, "name": name}
         summary["stages"][name] = result["metrics"]
         init_from = result["weights"]
+        t0 = time.perf_counter()
         summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if not k.startswith("data/"))
-        log.info("stage %s done: %s; Unified-Bench %.2f", name, shown, summary["unified_bench"][name])
+        if result.get("timings") is not None:
+            timings[name] = {**result["timings"], "Unified-Bench": round(time.perf_counter() - t0, 2)}
+        log.info("stage %s done: %s; Unified-Bench %.2f", name, stage_line(result["metrics"]), summary["unified_bench"][name])
     if rank_zero_only.rank != 0:
         return summary
     path = run_dir / "summary.json"
     path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     summary = strict_json(summary)
-    print("\n" + format_table(summary) + f"\n\nsummary: {path}\ntensorboard --logdir {run_dir}")
+    table = ""
+    if timings:
+        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+        table = f"\n\nwhere the time went (seconds; {run_dir / 'timings.json'}):\n{timing_table(timings)}"
+    print("\n" + format_table(summary) + table + f"\n\nsummary: {path}\ntensorboard --logdir {run_dir}")
     return summary
 
 

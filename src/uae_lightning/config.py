@@ -137,6 +137,8 @@ def validate(cfg: DictConfig) -> None:
                   "micro_batch_size", "decode_steps", "num_steps"):
             if k in mod:
                 _positive(mod[k], f"{key}.{k}")
+        if mod.get("eval_max_new_tokens") is not None:
+            _positive(mod.eval_max_new_tokens, f"{key}.eval_max_new_tokens")
         if "kl_beta" in mod:
             _check(mod.kl_beta >= 0, f"{key}.kl_beta", mod.kl_beta, "a number >= 0")
         if "loss_aggregation" in mod:

@@ -8,7 +8,7 @@ Outputs in the output folder:
     reconstructions/   the redrawn images (PNG, same relative names as the references)
     summary.json       per-backbone means, overall, image and skip counts
     results.md         the same as a markdown table
-    grid.png           originals (top row) over reconstructions (bottom row) of the first images
+    grid.png           the first images: original | reconstruction | caption and score, one line each
 
 A re-run skips images already in results.jsonl, so an interrupted run resumes and ends with the same numbers:
 each image's noise comes from its name and the seed, never from its position in a batch.
@@ -142,11 +142,17 @@ def _finish(results: Results, backbones: list[str], skipped: Counter, out: Path,
     """Summary of every finished image (old and new), and the grid of the first ones."""
     rows = [results.rows[k] for k in sorted(results.rows)]
     summary = summarise(rows, backbones, skipped, out, meta)
-    loaded = [(load_tensor(originals / r["image"], resolution), load_tensor(recon_root / r["reconstruction"], resolution))
-              for r in rows[:grid_images]]
-    loaded = [(a, b) for a, b in loaded if a is not None and b is not None]
-    if loaded:
-        save_grid([[a for a, _ in loaded], [b for _, b in loaded]], out / "grid.png")
+    cells = []
+    for r in rows:
+        if len(cells) == grid_images:
+            break
+        a, b = load_tensor(originals / r["image"], resolution), load_tensor(recon_root / r["reconstruction"], resolution)
+        if a is not None and b is not None:
+            score = 100.0 * sum(r["scores"].values()) / len(r["scores"]) if r.get("scores") else None  # as "overall"
+            cells.append({"name": r["image"], "original": a, "reconstruction": b, "caption": r.get("caption"),
+                          "score": score})
+    if cells:
+        save_grid(cells, out / "grid.png")
     return summary
 
 

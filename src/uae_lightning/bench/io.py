@@ -49,11 +49,41 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def save_grid(rows: list[list[torch.Tensor]], path: str | Path, pad: int = 2) -> None:
-    """Rows of equally sized images as one PNG (white gutters; a short row is filled with white)."""
-    from torchvision.utils import make_grid
+def save_grid(rows: list[dict], path: str | Path, cell_px: int = 160) -> None:
+    """The bench's look at its results: one line per image, original | reconstruction (each drawn `cell_px` wide,
+    nearest-neighbour, so a 32 px toy image stays sharp) | its caption, wrapped, with the image's name and overall
+    score. `rows`: {"name", "original", "reconstruction" (float [3,H,W] in [0,1]), "caption", "score"}. The captions
+    are also in the PNG's Description field, one per line. Written atomically."""
+    import textwrap
 
-    cols = max(len(r) for r in rows)
-    blank = torch.ones_like(rows[0][0])
-    cells = [img.detach().float().cpu() for r in rows for img in [*r, *[blank] * (cols - len(r))]]
-    save_png(make_grid(cells, nrow=cols, padding=pad, pad_value=1.0), path)
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dpi, text_px = 100, 4 * cell_px
+    fig, axes = plt.subplots(len(rows), 3, squeeze=False, dpi=dpi, figsize=((2 * cell_px + text_px) / dpi, len(rows) * (cell_px + 24) / dpi),
+                             gridspec_kw={"width_ratios": [cell_px, cell_px, text_px], "wspace": 0.03, "hspace": 0.15})
+    height = len(rows) * (cell_px + 24)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=4 / height, top=1 - 20 / height)
+    for i, row in enumerate(rows):
+        for j, key in enumerate(("original", "reconstruction")):
+            ax = axes[i, j]
+            ax.imshow(to_uint8(row[key]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(key, fontsize=9)
+        ax = axes[i, 2]
+        ax.axis("off")
+        score = f"  (overall {row['score']:.1f})" if row.get("score") is not None else ""
+        caption = "\n".join(textwrap.wrap(row.get("caption") or "(no caption)", width=70)[:6])
+        ax.text(0.0, 0.95, f"{row['name']}{score}", fontsize=8, fontweight="bold", va="top", transform=ax.transAxes)
+        ax.text(0.0, 0.78, caption, fontsize=9, va="top", transform=ax.transAxes, family="monospace")
+    tmp = path.with_name(path.name + ".tmp")
+    description = "\n".join(f"{r['name']}: {r.get('caption') or ''}" for r in rows)
+    fig.savefig(tmp, format="png", dpi=dpi, metadata={"Description": description})
+    plt.close(fig)
+    tmp.replace(path)

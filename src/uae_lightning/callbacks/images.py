@@ -46,7 +46,9 @@ class ImagePreview(L.Callback):
             recon = recon[:, None]
         rows = torch.cat([originals[:, None], recon.to(originals.device)], 1)  # [N, 1+G, 3, H, W]
         grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=rows.shape[1], padding=1, pad_value=1.0)
-        step = trainer.global_step
+        # The step axis of the scalars (Lightning logs them per training batch: a rollout batch in the RL stages,
+        # which make several optimizer steps per batch), so that a preview lines up with the curves.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         exp = loggers[0].experiment
         exp.add_image("preview/original|reconstructions", grid, step)
         text = "\n\n".join(f"{i}. {c}" for i, c in enumerate(out["captions"]))

@@ -300,10 +300,11 @@ class UAEDataModule(L.LightningDataModule):
             if self.sampler is not None:
                 self.sampler.resume_from(*self._resume)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size)
-
     def test_dataloader(self) -> DataLoader:
         """The held-out split, shared out over the ranks (EvalSampler); the stages sum each metric over its images
         and all ranks, so the result is the 1-process one."""
         return self._loader(Indexed(self.val_set), self.hparams.eval_batch_size, EvalSampler(len(self.val_set)))
+
+    def val_dataloader(self) -> DataLoader:
+        """The same held-out split: the evaluations during training (trainer.val_check_interval) are the test's."""
+        return self.test_dataloader()

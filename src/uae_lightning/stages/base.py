@@ -11,6 +11,7 @@ import os
 import random
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -52,6 +53,9 @@ class UAEStage(L.LightningModule):
         self.encoder = self.connector = self.decoder = None
         self.data_counts: Counter = Counter()
         self._t0: float | None = None
+        # Seconds spent per phase inside Lightning's loops (building the models, rollouts, training steps, the
+        # evaluations during training): the CLI adds its own phases and prints where the time went.
+        self.timings: dict[str, float] = {}
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.encoder_lora: dict | None = None  # config of the captioner's LoRA adapter, when the encoder has one
@@ -68,9 +72,21 @@ class UAEStage(L.LightningModule):
         self.strict_loading = False
 
     # ---- models --------------------------------------------------------------------------------------------------
+    @contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
     def configure_model(self) -> None:
         if self.encoder is not None:
             return
+        with self.timed("build"):
+            self._build_models()
+
+    def _build_models(self) -> None:
         # Under FSDP2 with several ranks, only rank 0 builds the models with their weights (pretrained read, init_from
         # read, random init); the others build them empty and receive their shards from rank 0 (fill_from_rank0).
         sharded = self.device_mesh is not None
@@ -183,6 +199,7 @@ class UAEStage(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self._t0 is not None and "images" in batch:
             dt = time.perf_counter() - self._t0
+            self.timings["train steps"] = self.timings.get("train steps", 0.0) + dt
             self.log("throughput/images_per_s", len(batch["images"]) / dt)
         self.check_weights_finite()
 
@@ -302,37 +319,82 @@ class UAEStage(L.LightningModule):
         return self.decoder.seeded_noise([seed + i for i in batch["index"]], self.resolution).to(self.device)
 
     # Held-out metrics: per-image values summed (padding weighs 0) on each rank, then over all ranks at the end of the
-    # test; logged as sum / count, so N ranks report what one process reports.
+    # test; logged as sum / count, so N ranks report what one process reports. The per-image values are kept too
+    # (`heldout_values`, gathered from every rank): a stage that reports before/after metrics states its gain with
+    # the paired standard error over the images. The same evaluation runs a few times during training (Lightning's
+    # validation loop, `trainer.val_check_interval`), logged under heldout/ on the training curves' step axis.
     def on_test_epoch_start(self) -> None:
         self._eval_sums: dict[str, list[float]] = {}
+        self._eval_values: dict[str, dict[int, float]] = {}
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_t0 = time.perf_counter()
+        self.on_test_epoch_start()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_step(batch, batch_idx)
 
     def eval_metric(self, name: str, values: torch.Tensor, batch: dict) -> None:
         w = batch["weight"].to(values.device, torch.float64)
         total = self._eval_sums.setdefault(name, [0.0, 0.0])
         total[0] += float((values.detach().double() * w).sum())
         total[1] += float(w.sum())
+        per_image = self._eval_values.setdefault(name, {})
+        for i, v, keep in zip(batch["index"], values.detach().double().tolist(), w.tolist()):
+            if keep > 0:
+                per_image[int(i)] = v
 
-    def on_test_epoch_end(self) -> None:
+    def heldout_settings(self) -> dict | None:
+        """What this stage's held-out test computes, besides the weights, the held-out data and the reward: stages with
+        equal settings measure the same numbers, so a stage's starting point is the previous stage's final test of the
+        same weights (cli.run_stage). None: a test no other stage shares."""
+        h = self.hparams
+        return {"metrics": "captioning", "eval_steps": h.eval_steps, "eval_seed": h.eval_seed,
+                "eval_guidance_scale": h.eval_guidance_scale, "negative_prompt": h.negative_prompt,
+                "max_new_tokens": self.eval_max_new_tokens()}
+
+    def eval_max_new_tokens(self) -> int:
+        """The greedy caption budget of the held-out test: the stage's `eval_max_new_tokens`, if it has one apart from
+        its training budget (G4U samples with `max_new_tokens`), else `max_new_tokens`."""
+        h = self.hparams
+        return h.get("eval_max_new_tokens") or h.max_new_tokens
+
+    def _reduce_eval(self) -> dict[str, float]:
         names = set(self._eval_sums)
+        values = self._eval_values
         if self.trainer.world_size > 1:
             every = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(every, sorted(names))
-            names = set().union(*map(set, every))
+            torch.distributed.all_gather_object(every, values)
+            values = {}
+            for part in every:
+                for name, per_image in part.items():
+                    values.setdefault(name, {}).update(per_image)
+            names = set(values) | names
         names = sorted(names)
         totals = torch.tensor([self._eval_sums.get(k, [0.0, 0.0]) for k in names], dtype=torch.float64,
                               device=self.device).reshape(-1, 2)
         if self.trainer.world_size > 1:
             torch.distributed.all_reduce(totals)
-        for name, (total, count) in zip(names, totals.tolist()):
-            if count > 0:
-                self.log(name, total / count, sync_dist=True)  # equal on every rank: quiets Lightning's advice
+        self.heldout_values = {k: dict(sorted(v.items())) for k, v in values.items()}
+        return {name: total / count for name, (total, count) in zip(names, totals.tolist()) if count > 0}
+
+    def on_test_epoch_end(self) -> None:
+        for name, value in self._reduce_eval().items():
+            self.log(name, value, sync_dist=True)  # equal on every rank: quiets Lightning's advice
+            self.log(f"heldout/{name}", value, sync_dist=True)  # the curve the in-training evaluations continue
+
+    def on_validation_epoch_end(self) -> None:
+        for name, value in self._reduce_eval().items():
+            self.log(f"heldout/{name}", value, sync_dist=True)
+        self.timings["evaluations in training"] = (self.timings.get("evaluations in training", 0.0)
+                                                   + time.perf_counter() - self._val_t0)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out metrics of the whole auto-encoder (stages with other metrics override this)."""
         if not self.count_data(batch):
             return
         h = self.hparams
-        for k, v in self.captioning_metrics(batch, h.eval_steps, h.eval_seed, h.max_new_tokens).items():
+        for k, v in self.captioning_metrics(batch, h.eval_steps, h.eval_seed, self.eval_max_new_tokens()).items():
             self.eval_metric(k, v, batch)
 
     @torch.no_grad()

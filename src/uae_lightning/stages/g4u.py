@@ -32,6 +32,7 @@ class G4U(UAEStage):
         kl_beta: float = 0.0,
         temperature: float = 0.7,
         max_new_tokens: int = 512,
+        eval_max_new_tokens: int | None = None,
         loss_aggregation: str = "grpo",
         advantage_scale: str = "group",
         micro_batch_size: int = 64,
@@ -64,7 +65,7 @@ class G4U(UAEStage):
         # One initial noise per group: within a group only the caption differs.
         noise = torch.randn(len(batch["images"]), self.decoder.latent_channels,
                             *([self.decoder.latent_size(self.resolution)] * 2), device=self.device)
-        recon = self.redraw(caps.texts, noise.repeat_interleave(G, 0), h.decode_steps, h.guidance_scale)
+        recon, distinct = self.redraw_distinct(caps.texts, noise, G, h.decode_steps, h.guidance_scale)
         rewards = self.reward.score(recon, images)
         # The sampling policy's log-probs are needed only when the rollout is reused for more than one update: with
         # num_iterations == 1 the update is on-policy and its own (detached) log-probs are the old ones (TRL does the
@@ -78,7 +79,18 @@ class G4U(UAEStage):
                 with self.encoder.adapter_disabled():
                     ref.append(self.encoder.completion_logprobs(part, h.temperature))
         return {"captions": caps, "rewards": rewards, "old_logp": torch.cat(old) if old else None,
-                "ref_logp": torch.cat(ref) if ref else None, "recon": recon}
+                "ref_logp": torch.cat(ref) if ref else None, "recon": recon, "distinct": distinct}
+
+    def redraw_distinct(self, texts: list[str], noise: torch.Tensor, group_size: int, num_steps: int,
+                        guidance_scale: float) -> tuple[torch.Tensor, int]:
+        """Redraw the captions of groups of `group_size` (group k starts from `noise[k]`), each distinct caption of a
+        group once: within a group equal captions from the same noise give the same image, and sampled groups repeat
+        captions often (short captions especially). Returns one image per caption and the number drawn."""
+        first: dict[tuple[int, str], int] = {}
+        which = [first.setdefault((i // group_size, t), len(first)) for i, t in enumerate(texts)]
+        keys = list(first)
+        drawn = self.redraw([t for _, t in keys], noise[[g for g, _ in keys]], num_steps, guidance_scale)
+        return drawn[torch.tensor(which, device=drawn.device)], len(keys)
 
     def micro_batches(self, n: int) -> list[slice]:
         m = self.hparams.micro_batch_size
@@ -102,7 +114,8 @@ class G4U(UAEStage):
         if not self.count_data(batch):
             return
         h = self.hparams
-        ro = self.rollout(batch)
+        with self.timed("rollouts"):
+            ro = self.rollout(batch)
         rewards, caps = ro["rewards"], ro["captions"]
         if not self.finite_or_skip(rewards, "reward", h.max_nonfinite_in_a_row):
             return
@@ -154,7 +167,8 @@ class G4U(UAEStage):
         logs = {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if k not in ("ratio_max", "ratio_min")}
         logs.update({"train/ratio_max": max(stats["ratio_max"]), "train/ratio_min": min(stats["ratio_min"]),
                      "advantage/mean": adv.mean(), "advantage/std": adv.std(), "advantage/abs_max": adv.abs().max(),
-                     "caption/length_mean": lengths.mean(), "caption/length_max": lengths.max()})
+                     "caption/length_mean": lengths.mean(), "caption/length_max": lengths.max(),
+                     "rollout/distinct_fraction": ro["distinct"] / len(caps.texts)})
         if batch["scene"][0]:
             scenes = [s for s in batch["scene"] for _ in range(self.hparams.group_size)]
             logs["caption/informativeness"] = sum(

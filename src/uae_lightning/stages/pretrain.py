@@ -71,6 +71,9 @@ class DecoderPretraining(UAEStage):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def heldout_settings(self) -> None:
+        return None  # its own test (complete vs empty caption), shared with no other stage
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out reconstructions from the complete caption vs. from an empty caption, same noise."""
         if not self.count_data(batch):

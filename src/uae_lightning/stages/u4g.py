@@ -96,13 +96,15 @@ class U4G(UAEStage):
         caps = self.encoder.caption(images, do_sample=h.caption_do_sample, temperature=h.caption_temperature,
                                     max_new_tokens=h.max_new_tokens)
         texts = [t for t in caps.texts for _ in range(G)]
+        # Each caption (and the negative prompt) is encoded once; its G trajectories share the conditioning.
         with self.encoder.adapter_disabled():
-            hidden, mask = self.encoder.condition(texts)
+            hidden, mask = self.encoder.condition(caps.texts)
             negative = None
             if h.guidance_scale != 1.0:
-                nh, nm = self.encoder.condition([h.negative_prompt] * len(texts))
-                negative = (self.connector(nh), nm)
-        cond = self.connector(hidden)
+                nh, nm = self.encoder.condition([h.negative_prompt])
+                negative = (self.connector(nh).expand(len(texts), -1, -1), nm.expand(len(texts), -1))
+        cond = self.connector(hidden).repeat_interleave(G, 0)
+        mask = mask.repeat_interleave(G, 0)
         size = self.decoder.latent_size(self.resolution)
         n = len(texts)
         if h.shared_initial_noise:
@@ -127,7 +129,8 @@ class U4G(UAEStage):
         if not self.count_data(batch):
             return
         h = self.hparams
-        ro = self.rollout(batch)
+        with self.timed("rollouts"):
+            ro = self.rollout(batch)
         if not self.finite_or_skip(ro["rewards"], "reward", h.max_nonfinite_in_a_row):
             return
         # Flow-GRPO: population std per group, or of the whole batch over all ranks (`global_std`); clipped; samples
@@ -191,15 +194,6 @@ class U4G(UAEStage):
                     logs[f"timestep_{j:02d}/{k}"] = sum(vals) / len(vals)
         self.log_dict(logs)
         self.log("reward", ro["rewards"].mean(), prog_bar=True, logger=False)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Held-out: the frozen encoder's greedy captions redrawn by the deterministic ODE sampler, fixed noise."""
-        if not self.count_data(batch):
-            return
-        images = batch["images"]
-        caps = self.encoder.caption(images, do_sample=False, max_new_tokens=self.hparams.max_new_tokens)
-        recon = self.redraw(caps.texts, self.image_noise(batch, self.hparams.eval_seed), self.hparams.eval_steps)
-        self.eval_metric("reward", self.reward.score(recon, images), batch)
 
     def preview(self, batch: dict) -> dict:
         """Original | the G SDE reconstructions of its caption (one group per row)."""
