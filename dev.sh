@@ -18,7 +18,9 @@ setup() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch and torchvision must come as a matching pair (the Qwen2.5-VL processor needs torchvision).
   "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # PYTHONWARNINGS reaches setuptools in pip's build environment: its generic notice about editable installs is not
+  # something a user of this repository can act on.
+  PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q -e ".[dev]"
   touch "$stamp"
 }
 

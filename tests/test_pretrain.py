@@ -1,6 +1,7 @@
 """Stage 1 end to end on the toy world: it learns to use captions, resumes, and leaves what a researcher needs."""
 import json
 
+import pytest
 import torch
 
 from conftest import FAST, compose_cfg
@@ -151,3 +152,29 @@ def test_a_callback_and_a_second_logger_added_from_the_command_line_run(tmp_path
 
     with pytest.raises(ConfigError, match="callbacks.bad must be null or hold a _target_"):
         run_pipeline(compose_cfg(["+experiment=toy_pretrain", *FAST, "+callbacks.bad.every=2"]), tmp_path / "bad")
+
+
+@pytest.mark.parametrize("stop_at", [8, 11])
+def test_a_run_stopped_at_an_epoch_boundary_or_mid_epoch_resumes_to_the_straight_run(tmp_path, monkeypatch, stop_at):
+    """8 batches per epoch. A preemption checkpoint written after the epoch's last batch (step 8) restarts that epoch
+    with Lightning's epoch counter unchanged; one written mid-epoch (step 11) resumes inside epoch 2. Either way the
+    resumed run trains on the batches an uninterrupted run trains on: same held-out numbers to the last bit. (Before
+    the sampler took its position from the trained-batch count, the step-8 case trained on epoch 3's permutation.)"""
+    from uae_lightning.callbacks import preemption
+    from uae_lightning.callbacks.preemption import Preempted, Preemption
+
+    base = ["+experiment=toy_pretrain", *FAST, "stages.pretrain.trainer.max_steps=13", "callbacks.preview=null"]
+    straight = run_pipeline(compose_cfg(base), tmp_path / "straight")
+    original = Preemption.on_train_batch_end
+
+    def signal_once(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == stop_at:
+            monkeypatch.setitem(preemption._state, "signalled", True)
+        return original(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(Preemption, "on_train_batch_end", signal_once)
+    with pytest.raises(Preempted, match=f"step {stop_at}"):
+        run_pipeline(compose_cfg(base), tmp_path / "stopped")
+    monkeypatch.setattr(Preemption, "on_train_batch_end", original)
+    monkeypatch.setitem(preemption._state, "signalled", False)
+    assert run_pipeline(compose_cfg(base), tmp_path / "stopped") == straight

@@ -171,12 +171,17 @@ class ResumableSampler(Sampler[int]):
 
     The position is the number of global batches trained, not Lightning's (epoch, batch) pair: a run stopped by
     max_steps mid-epoch is checkpointed by Lightning with its epoch counter already advanced, and resuming that pair
-    literally would start the next permutation. The data epoch follows Lightning's epoch shifted by the difference
-    found at the resume.
+    literally would start the next permutation. Under a trainer the sampler reads that count at the start of every
+    pass (`position`); used alone, `set_epoch` and `resume_from` give the epoch and the batches to skip.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    def __init__(self, size: int, batch_size: int, seed: int, position=None):
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        # Under a trainer: a callable giving the global batches trained so far (Lightning's processed-batch count, as
+        # restored from a checkpoint). Each pass then starts exactly there: data epoch = done // batches per epoch,
+        # offset = done % batches per epoch, whatever Lightning's epoch counter says (a checkpoint written at the last
+        # batch of an epoch restarts that epoch with its counter unchanged; one written at max_steps has it advanced).
+        self.position = position
         self.epoch = 0
         self.shift = 0  # data epoch - Lightning's epoch
         self.skip: tuple[int, int] | None = None  # (data epoch, global batches already trained in it)
@@ -207,11 +212,12 @@ class ResumableSampler(Sampler[int]):
         rank, world = process_group()
         per_global = self.batch_size * world
         n_batches = self.batches_per_epoch()
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        start = 0
-        if self.skip is not None and self.skip[0] == self.epoch:
-            start = self.skip[1]
+        if self.position is not None:
+            self.epoch, start = divmod(self.position(), n_batches)
+        else:
+            start = self.skip[1] if self.skip is not None and self.skip[0] == self.epoch else 0
         self.skip = None
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         order = order[start * per_global : n_batches * per_global]
         return iter(order[rank::world].tolist())
 
@@ -279,7 +285,8 @@ class UAEDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        self.sampler = ResumableSampler(len(self.train_set), self.hparams.batch_size, self.hparams.seed)
+        self.sampler = ResumableSampler(len(self.train_set), self.hparams.batch_size, self.hparams.seed,
+                                        position=self._batches_trained if self.trainer is not None else None)
         if self._resume is not None:
             self.sampler.resume_from(*self._resume)
             self._resume = None
@@ -293,6 +300,9 @@ class UAEDataModule(L.LightningDataModule):
             return {}
         return {"epoch": trainer.current_epoch,
                 "global_batches_done": trainer.fit_loop.epoch_loop.batch_progress.total.processed}
+
+    def _batches_trained(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def load_state_dict(self, state: dict) -> None:
         if state:
