@@ -106,36 +106,27 @@ def test_toy_datamodule_is_seeded_and_splits_are_disjoint():
 
 
 def test_resumable_sampler_skips_trained_batches_and_shards_global_batches(monkeypatch):
+    """The pass starts at the trained-batch count: 10 global batches per epoch, so 23 trained = data epoch 2 after its
+    3rd batch, whatever Lightning's epoch counter says; the next pass (30 trained) is the whole of data epoch 3."""
     from uae_lightning.data.datamodule import ResumableSampler
 
-    full = ResumableSampler(40, batch_size=4, seed=3)
-    full.set_epoch(2)
+    done = {"n": 20}
+    full = ResumableSampler(40, batch_size=4, seed=3, position=lambda: done["n"])
     order = list(full)
     assert len(order) == len(full) == 40 and sorted(order) == list(range(40))
-    full.set_epoch(3)
-    assert list(full) != order  # a new permutation each epoch
-    resumed = ResumableSampler(40, batch_size=4, seed=3)
-    resumed.resume_from(lightning_epoch=2, global_batches_done=2 * 10 + 3)  # 10 global batches per epoch
-    resumed.set_epoch(2)
-    assert list(resumed) == order[12:]  # the 3 trained batches are skipped ...
-    assert list(resumed) == order  # ... once: the next pass is the whole epoch again
-    # A run stopped by max_steps after 3 batches of epoch 2 is checkpointed with Lightning's epoch already at 3:
-    # the position still says epoch 2, batch 3, and the epoch after it is data epoch 3.
-    stopped = ResumableSampler(40, batch_size=4, seed=3)
-    stopped.resume_from(lightning_epoch=3, global_batches_done=23)
-    stopped.set_epoch(3)
-    assert list(stopped) == order[12:]
-    stopped.set_epoch(4)
-    full.set_epoch(3)
-    assert list(stopped) == list(full)
+    done["n"] = 30
+    epoch3 = list(full)
+    assert epoch3 != order  # a new permutation each epoch
+    resumed = ResumableSampler(40, batch_size=4, seed=3, position=lambda: 23)
+    assert list(resumed) == order[12:]  # the 3 trained batches of data epoch 2 are skipped
+    done["n"] = 20
+    assert list(full) == order  # a pass at a whole-epoch count is that epoch, whole
     # Two ranks with batch 2 see the samples of one process with batch 4, global batch by global batch.
     monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda: (0, 2))
-    r0 = ResumableSampler(40, batch_size=2, seed=3)
-    r0.set_epoch(2)
+    r0 = ResumableSampler(40, batch_size=2, seed=3, position=lambda: 20)
     rank0 = list(r0)
     monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda: (1, 2))
-    r1 = ResumableSampler(40, batch_size=2, seed=3)
-    r1.set_epoch(2)
+    r1 = ResumableSampler(40, batch_size=2, seed=3, position=lambda: 20)
     rank1 = list(r1)
     for b in range(10):
         assert sorted(rank0[2 * b : 2 * b + 2] + rank1[2 * b : 2 * b + 2]) == sorted(order[4 * b : 4 * b + 4])

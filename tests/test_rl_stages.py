@@ -257,3 +257,14 @@ def test_a_stage_starts_from_the_previous_stages_final_test_when_it_measures_the
     for k in ("reward", "caption_length", "informativeness"):
         same = summary["g4u"][f"{k}_before"] == summary["cold_start"][f"{k}_after"]
         assert same if same_test else (k != "reward" or not same)
+
+
+def test_paired_gain_and_its_standard_error_by_hand():
+    """Per-image differences 1, 0, 3 (image 3 only measured before: left out): mean 4/3, sample std
+    sqrt(((-1/3)^2 + (-4/3)^2 + (5/3)^2) / 2) = sqrt(7/3), standard error sqrt(7/3) / sqrt(3) = 0.881917."""
+    from uae_lightning.cli import paired_gains
+
+    before = {"per_image": {"reward": {"0": 1.0, "1": 2.0, "2": 4.0, "3": 9.0}}}
+    after = {"per_image": {"reward": {"0": 2.0, "1": 2.0, "2": 7.0}}}
+    gain, se, n = paired_gains(before, after)["reward"]
+    assert n == 3 and gain == pytest.approx(4 / 3) and se == pytest.approx(0.881917, abs=1e-6)

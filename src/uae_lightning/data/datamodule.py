@@ -11,6 +11,7 @@ import json
 import random
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -156,38 +157,26 @@ class Indexed(Dataset):
         return {**self.dataset[i % n], "index": i % n, "pad": i >= n}
 
 
-# Lightning warns on every mid-epoch resume unless the DataLoader object itself is stateful; here the DataModule's
-# state_dict carries the position and ResumableSampler skips what was trained (tested to match an uninterrupted run).
+# Lightning warns on every mid-epoch resume unless the DataLoader object itself is stateful; here ResumableSampler
+# starts each pass at the restored trained-batch count (tested to match an uninterrupted run).
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class ResumableSampler(Sampler[int]):
-    """Shuffled training order that is a pure function of (seed, data epoch, position), sharded over ranks.
+    """Shuffled training order that is a pure function of (seed, global batches trained), sharded over ranks.
 
     Data epoch e is a permutation seeded by (seed, e), cut to whole global batches (batch_size x world_size); rank r
     takes every world_size-th index starting at r, so each global batch holds the same samples whether it is
-    processed by one process or by several. After a resume (`resume_from`), the stream continues at the global batch
-    where it stopped, so an interrupted run sees exactly the data of an uninterrupted one.
-
-    The position is the number of global batches trained, not Lightning's (epoch, batch) pair: a run stopped by
-    max_steps mid-epoch is checkpointed by Lightning with its epoch counter already advanced, and resuming that pair
-    literally would start the next permutation. Under a trainer the sampler reads that count at the start of every
-    pass (`position`); used alone, `set_epoch` and `resume_from` give the epoch and the batches to skip.
+    processed by one process or by several. Each pass starts where training stands: `position()` is the number of
+    global batches trained so far (Lightning's processed-batch count, restored from a checkpoint on resume), so data
+    epoch = position // batches per epoch and the pass skips position % batches per epoch. Lightning's (epoch, batch)
+    pair is not used: a checkpoint written at max_steps has the epoch counter already advanced, one written at an
+    epoch's last batch restarts that epoch with the counter unchanged; the trained-batch count is right in both.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, position=None):
+    def __init__(self, size: int, batch_size: int, seed: int, position: Callable[[], int]):
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        # Under a trainer: a callable giving the global batches trained so far (Lightning's processed-batch count, as
-        # restored from a checkpoint). Each pass then starts exactly there: data epoch = done // batches per epoch,
-        # offset = done % batches per epoch, whatever Lightning's epoch counter says (a checkpoint written at the last
-        # batch of an epoch restarts that epoch with its counter unchanged; one written at max_steps has it advanced).
         self.position = position
-        self.epoch = 0
-        self.shift = 0  # data epoch - Lightning's epoch
-        self.skip: tuple[int, int] | None = None  # (data epoch, global batches already trained in it)
-
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
-        self.epoch = epoch + self.shift
 
     def batches_per_epoch(self) -> int:
         rank, world = process_group()
@@ -198,12 +187,6 @@ class ResumableSampler(Sampler[int]):
                              f"(data.batch_size={self.batch_size} x {world} processes)")
         return n_batches
 
-    def resume_from(self, lightning_epoch: int, global_batches_done: int) -> None:
-        data_epoch, done = divmod(global_batches_done, self.batches_per_epoch())
-        self.shift = data_epoch - lightning_epoch
-        self.epoch = data_epoch
-        self.skip = (data_epoch, done)
-
     def __len__(self) -> int:
         rank, world = process_group()
         return (self.size // (self.batch_size * world)) * self.batch_size
@@ -212,12 +195,8 @@ class ResumableSampler(Sampler[int]):
         rank, world = process_group()
         per_global = self.batch_size * world
         n_batches = self.batches_per_epoch()
-        if self.position is not None:
-            self.epoch, start = divmod(self.position(), n_batches)
-        else:
-            start = self.skip[1] if self.skip is not None and self.skip[0] == self.epoch else 0
-        self.skip = None
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        epoch, start = divmod(self.position(), n_batches)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         order = order[start * per_global : n_batches * per_global]
         return iter(order[rank::world].tolist())
 
@@ -248,7 +227,6 @@ class UAEDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.sampler: ResumableSampler | None = None
-        self._resume: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -286,29 +264,13 @@ class UAEDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.sampler = ResumableSampler(len(self.train_set), self.hparams.batch_size, self.hparams.seed,
-                                        position=self._batches_trained if self.trainer is not None else None)
-        if self._resume is not None:
-            self.sampler.resume_from(*self._resume)
-            self._resume = None
+                                        position=self._batches_trained)
         return self._loader(self.train_set, self.hparams.batch_size, self.sampler)
 
-    # Saved in every checkpoint (Lightning stores a DataModule's state_dict): how many global batches were trained, and
-    # Lightning's epoch counter at that point (ResumableSampler.resume_from).
-    def state_dict(self) -> dict:
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return {}
-        return {"epoch": trainer.current_epoch,
-                "global_batches_done": trainer.fit_loop.epoch_loop.batch_progress.total.processed}
-
     def _batches_trained(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._resume = (state["epoch"], state["global_batches_done"])
-            if self.sampler is not None:
-                self.sampler.resume_from(*self._resume)
+        """Global batches trained so far (0 outside a trainer)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer is not None else 0
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split, shared out over the ranks (EvalSampler); the stages sum each metric over its images
