@@ -148,6 +148,39 @@ def test_u4g_trained_steps_fraction_and_window():
     assert make(num_steps=3, train_window=(0, 4)).trained_steps() == [0, 1, 2]  # stop capped at num_steps
 
 
+@pytest.mark.parametrize("sde_steps", ["all", "trained"])
+def test_u4g_rollouts_explore_only_at_the_trained_steps_when_asked(monkeypatch, sde_steps):
+    """sde_steps=trained (Flow-GRPO-Fast, MixGRPO): with train_window [1, 3) of 4 steps, steps 0 and 3 are the Euler
+    ODE step x + (sigma_next - sigma) v exactly (recomputed here from the stored latents) with log-prob 0, and steps
+    1 and 2 are SDE steps; with sde_steps=all no step is the ODE's. A rollout that ignores the option, or explores
+    outside the window, or lets the window's noise leak into the ODE steps' log-probs fails."""
+    from omegaconf import OmegaConf
+
+    from uae_lightning.stages.u4g import U4G
+
+    cfg = compose_cfg([*U4G_FAST, "stages.u4g.module.train_window=[1,3]", f"stages.u4g.module.sde_steps={sde_steps}"])
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module).items() if k != "_target_"}
+    stage = U4G(model=OmegaConf.to_container(cfg.model), resolution=32, **kw)
+    stage.configure_model()
+    reward = RewardCallback(cfg.reward.backbones, OmegaConf.to_container(cfg.backbone_sources))
+    monkeypatch.setattr(U4G, "reward", property(lambda self: reward))
+    torch.manual_seed(0)
+    ro = stage.rollout({"images": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))})
+    latents, sigmas, n = ro["latents"], ro["sigmas"], ro["latents"].shape[0]
+    assert n == 2 * 3 and latents.shape[1] == 4 + 1
+    ode_steps = []
+    with torch.no_grad():
+        for i in range(4):
+            v = stage.velocity(latents[:, i], sigmas[i].expand(n), ro["cond"], ro["mask"], None)
+            euler = latents[:, i] + (sigmas[i + 1] - sigmas[i]) * v
+            if torch.allclose(latents[:, i + 1], euler, atol=1e-5):
+                ode_steps.append(i)
+                assert (ro["logps"][:, i] == 0).all()
+            else:
+                assert (ro["logps"][:, i] != 0).all()
+    assert ode_steps == ([0, 3] if sde_steps == "trained" else [])
+
+
 def test_u4g_gradient_checkpointing_recomputes_the_dit_blocks_with_the_same_gradients():
     """stages.u4g.module.gradient_checkpointing (on in the paper preset): every DiT block goes through the
     checkpoint function, and the LoRA gradients equal those without it."""

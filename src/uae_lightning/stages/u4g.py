@@ -17,6 +17,10 @@ from uae_lightning.rl.grpo import clipped_surrogate, group_advantages
 from uae_lightning.stages.base import UAEStage
 
 SDE_TYPES = ("sde", "cps")
+# Where a rollout explores: "all" steps are SDE steps (Flow-GRPO); "trained": only the trained steps are, the others
+# follow the deterministic ODE (Flow-GRPO-Fast, MixGRPO), so a trajectory's reward varies only through the noise of
+# the steps that are trained on.
+SDE_STEPS = ("all", "trained")
 
 
 class U4G(UAEStage):
@@ -40,6 +44,7 @@ class U4G(UAEStage):
         kl_beta: float = 0.04,
         train_fraction: float = 0.99,
         train_window: tuple[int, int] | None = None,
+        sde_steps: str = "all",
         num_iterations: int = 1,
         guidance_scale: float = 4.5,
         negative_prompt: str = "",
@@ -58,6 +63,8 @@ class U4G(UAEStage):
         super().__init__(model, resolution, init_from)
         if sde_type not in SDE_TYPES:
             raise ValueError(f"stages.u4g.module.sde_type={sde_type!r}; expected one of {SDE_TYPES}")
+        if sde_steps not in SDE_STEPS:
+            raise ValueError(f"stages.u4g.module.sde_steps={sde_steps!r}; expected one of {SDE_STEPS}")
         if convention not in CONVENTIONS:
             raise ValueError(f"stages.u4g.module.convention={convention!r}; expected one of {CONVENTIONS}")
         self.save_hyperparameters(ignore=["init_from"])
@@ -112,10 +119,15 @@ class U4G(UAEStage):
         else:
             x = torch.randn(n, self.decoder.latent_channels, size, size, device=self.device)
         sigmas = self.decoder.sigmas(h.num_steps, self.device)
+        explored = set(self.trained_steps()) if h.sde_steps == "trained" else set(range(h.num_steps))
         latents, logps = [x], []
         for i in range(h.num_steps):
             s = sigmas[i].expand(n)
-            x, logp, _, _ = self.step(x, self.velocity(x, s, cond, mask, negative), s, sigmas[i + 1].expand(n))
+            v = self.velocity(x, s, cond, mask, negative)
+            if i in explored:
+                x, logp, _, _ = self.step(x, v, s, sigmas[i + 1].expand(n))
+            else:  # the ODE's Euler step; never trained on, so no log-prob
+                x, logp = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()), torch.zeros(n, device=self.device)
             latents.append(x)
             logps.append(logp)
         recon = self.decoder.decode(x)
