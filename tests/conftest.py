@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,64 +17,6 @@ import uae_lightning.cli  # noqa: F401  (registers the run-name resolver the con
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
 os.environ.setdefault("UAE_CACHE_DIR", tempfile.mkdtemp(prefix="uae-test-cache-"))  # computed constants (models/build.py)
 torch.set_num_threads(2)
-
-
-# ---- the default run, side by side with the rest of the suite --------------------------------------------------------
-# `python -m uae_lightning` (tests/test_default_pipeline.py) is the suite's longest job. When its tests are selected it
-# starts in the background as soon as collection ends, its tests are moved to the end, and the other tests run
-# meanwhile; its fixture then waits for it. Much of the rest of the suite waits on SLURM, subprocesses and signals.
-DEFAULT_RUN_MODULE = "test_default_pipeline.py"
-
-
-class BackgroundRun:
-    def __init__(self):
-        self.root = Path(tempfile.mkdtemp(prefix="uae-default-run-"))
-        self.runs = self.root / "runs"
-        self.stdout, self.stderr = open(self.root / "stdout", "w+"), open(self.root / "stderr", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uae_lightning", f"paths.runs_dir={self.runs}", "trainer.enable_progress_bar=false"],
-            stdout=self.stdout, stderr=self.stderr, text=True)
-
-    def result(self, timeout: float) -> subprocess.CompletedProcess:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        self.stdout.seek(0)
-        self.stderr.seek(0)
-        return subprocess.CompletedProcess(self.proc.args, rc, self.stdout.read(), self.stderr.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-_background: dict[str, BackgroundRun] = {}
-
-
-def default_run_in_background() -> BackgroundRun:
-    """The default run: the one started at collection, or one started now (its tests selected alone)."""
-    if "run" not in _background:
-        _background["run"] = BackgroundRun()
-    return _background["run"]
-
-
-@pytest.hookimpl(trylast=True)  # after -k / -m deselection: a deselected default run is not started
-def pytest_collection_modifyitems(session, config, items):
-    default = [item for item in items if item.path.name == DEFAULT_RUN_MODULE]
-    if default and not config.option.collectonly:
-        items[:] = [item for item in items if item.path.name != DEFAULT_RUN_MODULE] + default
-        default_run_in_background()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if "run" in _background:
-        run = _background.pop("run")
-        run.stop()
-        if exitstatus == 0:
-            shutil.rmtree(run.root, ignore_errors=True)  # kept for a look when something failed
 
 
 def compose_cfg(overrides: list[str] | None = None):

@@ -5,21 +5,21 @@ assertion; they are well below the effect sizes measured on this machine (README
 well above run-to-run noise, which is zero on CPU with fixed seeds but not across torch builds.
 """
 import json
+import subprocess
+import sys
 
 import pytest
-
-from conftest import default_run_in_background
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def default_run():
-    """Started in the background when the suite was collected (conftest.py), while the other tests ran."""
-    run = default_run_in_background()
-    out = run.result(timeout=3000)
+def default_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    out = subprocess.run([sys.executable, "-m", "uae_lightning", f"paths.runs_dir={runs}", "trainer.enable_progress_bar=false"],
+                         capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
-    return run.runs, out
+    return runs, out
 
 
 @pytest.fixture(scope="module")
