@@ -2,7 +2,8 @@
 (PAPER.md "Stage 2c").
 
 Per rollout batch: the frozen encoder captions each image -> G SDE trajectories of T steps per caption (each step a
-Gaussian policy; every latent and log-prob stored) -> rewards against the source image -> group advantages clipped to
+Gaussian policy; every latent and log-prob stored; with sde_steps=trained only the trained steps are SDE steps and
+the others follow the ODE) -> rewards against the source image -> group advantages clipped to
 +-adv_clip -> for each trained step: the clipped ratio objective + beta * KL to the reference (the DiT with its LoRA
 disabled), backward per step (never one graph over all steps), gradients accumulated over steps x samples, then one
 optimizer update per inner iteration.
