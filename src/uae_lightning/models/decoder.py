@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from torch import nn
 
 from uae_lightning.models.attention import MaskedJointAttnProcessor
+from uae_lightning.models.flow import euler_step
 
 
 class Decoder(nn.Module):
@@ -130,7 +131,7 @@ class Decoder(nn.Module):
                         self.guided_velocity, z, s, cond, mask, guidance_scale, negative, use_reentrant=False)
                 else:
                     v = self.guided_velocity(z, s, cond, mask, guidance_scale, negative)
-                z = z + (sigmas[i + 1] - sigmas[i]) * v
+                z = euler_step(z, v, sigmas[i], sigmas[i + 1])
         return z
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from uae_lightning.models.flow import euler_step
 from uae_lightning.models.lora import set_adapters_enabled
 from uae_lightning.rl.flow_grpo import CONVENTIONS, cps_step, nonzero_advantage, sde_step, step_kl
 from uae_lightning.rl.grpo import clipped_surrogate, group_advantages
@@ -128,7 +129,7 @@ class U4G(UAEStage):
             if i in explored:
                 x, logp, _, _ = self.step(x, v, s, sigmas[i + 1].expand(n))
             else:  # the ODE's Euler step; never trained on, so no log-prob
-                x, logp = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()), torch.zeros(n, device=self.device)
+                x, logp = euler_step(x.float(), v.float(), sigmas[i], sigmas[i + 1]), torch.zeros(n, device=self.device)
             latents.append(x)
             logps.append(logp)
         recon = self.decoder.decode(x)
