@@ -69,7 +69,10 @@ def test_two_fsdp2_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     assert all(metrics[0][k] == pytest.approx(metrics[1][k], rel=1e-5) for k in metrics[0])
     # Unified-Bench is split over the ranks too and scores what one process scores (the weights above differ by
     # ~1e-7; 1e-4 relative on the overall score).
-    counts = [json.loads((tmp_path / "two" / f"bench_rank{r}.json").read_text())["images"] for r in (0, 1)]
+    ranks = [json.loads((tmp_path / "two" / f"bench_rank{r}.json").read_text()) for r in (0, 1)]
+    counts = [r["images"] for r in ranks]
+    # The finished run destroys its process group on each rank (left to the exit, gloo can abort the process).
+    assert not any(r["group_left"] for r in ranks)
     assert counts == [4, 3] and json.loads((tmp_path / "one" / "bench_rank0.json").read_text())["images"] == 7
     bench = [json.loads((tmp_path / d / "run" / "pretrain" / "unified_bench" / "summary.json").read_text())
              for d in ("two", "one")]

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from uae_lightning.bench.core import run_bench
-from uae_lightning.distributed import barrier
+from uae_lightning.distributed import barrier, release
 from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks import preemption
 from uae_lightning.callbacks.preemption import Preempted, Preemption, save_last, slurm_job_id
@@ -463,7 +463,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     check_sources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        return _run_stages(cfg, run_dir)
+        summary = _run_stages(cfg, run_dir)
+    release()  # every stage and bench is done on every rank
+    return summary
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:

@@ -16,3 +16,11 @@ def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if process_group()[1] > 1:
         torch.distributed.barrier()
+
+
+def release() -> None:
+    """Destroy the default process group at the end of a run, while the interpreter is whole. Lightning does so at
+    exit for NCCL only; a gloo group left to the exit can have its worker threads torn down still joinable, and the
+    process aborts after a finished run ('terminate called without an active exception', exit code -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -5,7 +5,8 @@ consuming the stream).
     python tests/workers/stage_losses.py OUT_DIR [hydra overrides...]
 
 Lightning re-launches this script for ranks > 0 (strategy fsdp2, trainer.devices=N); each rank writes
-OUT_DIR/<stage>_rank<r>.json, and OUT_DIR/bench_rank<r>.json with the number of images it redrew for Unified-Bench.
+OUT_DIR/<stage>_rank<r>.json, and OUT_DIR/bench_rank<r>.json with the number of images it redrew for Unified-Bench
+and whether the run left its process group behind.
 """
 import json
 import sys
@@ -75,7 +76,8 @@ def main() -> None:
 
     UAEPipeline.reconstruct = counted
     cli.run_pipeline(compose_cfg(overrides), out / "run")
-    (out / f"bench_rank{rank_zero_only.rank}.json").write_text(json.dumps({"images": sum(redrawn)}))
+    (out / f"bench_rank{rank_zero_only.rank}.json").write_text(json.dumps({
+        "images": sum(redrawn), "group_left": torch.distributed.is_initialized()}))
 
 
 if __name__ == "__main__":
