@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 
@@ -28,6 +29,16 @@ def compose_cfg(overrides: list[str] | None = None):
 @pytest.fixture
 def compose_config():
     return compose_cfg
+
+
+# A line of third-party noise in a run's output (stdout and stderr, as piped to a file or a SLURM log): a warning
+# printed by the warnings module (it names its source file under site-packages), a tip, hint or deprecation notice, a
+# progress bar (a terminal's, not a log's).
+NOISE = re.compile(r"site-packages|Warning|warn\(|💡|[Dd]eprecat|HINT|Tip:|\d+%\|")
+
+
+def noise_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if NOISE.search(line)]
 
 
 # Small enough for unit tests of the stages (seconds on 2 cores), same code paths as the default run.

@@ -313,3 +313,21 @@ def test_grid_and_sweep_plot_images(tmp_path):
     assert w > 500 and h > 150
     with pytest.raises(ValueError, match="no run logged"):
         write_plot(rows, tmp_path, "u4g/reward")
+
+
+def test_without_a_progress_bar_the_bench_logs_its_progress(pipe, references, tmp_path, monkeypatch, caplog):
+    """In a log file (progress=False) a long bench still says where it is: a line at most every HEARTBEAT_S seconds
+    (0 here: one per batch but the last, which the summary follows); with a progress bar, no such line."""
+    import logging
+
+    import uae_lightning.bench.core as core
+
+    monkeypatch.setattr(core, "HEARTBEAT_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="uae_lightning.bench"):
+        run_bench(pipe, references, tmp_path / "log", TOY_BACKBONES, batch_size=4, progress=False)
+        beats = [r.getMessage() for r in caplog.records if "Unified-Bench: batch" in r.getMessage()]
+        assert beats == ["Unified-Bench: batch 1 of 3 (4 of this rank's 10 images)",
+                         "Unified-Bench: batch 2 of 3 (8 of this rank's 10 images)"]
+        caplog.clear()
+        run_bench(pipe, references, tmp_path / "bar", TOY_BACKBONES, batch_size=4, progress=True)
+        assert not [r for r in caplog.records if "Unified-Bench: batch" in r.getMessage()]

@@ -54,13 +54,13 @@ def test_tensorboard_tells_each_rl_stage_s_story(default_run):
 
 def test_console_output_is_the_runs_own(default_run):
     """What the default run prints (stdout and stderr, as piped to a file or a SLURM log): our log lines and the
-    summary table, no third-party warning, tip, hint or deprecation notice (a warning printed by the warnings
-    module names its source file under site-packages). One line at each stage's start and end."""
-    import re
+    summary table, no third-party warning, tip, hint, deprecation notice or progress bar (conftest.NOISE). One line
+    at each stage's start and end."""
+    from conftest import noise_lines
 
     _, out = default_run
     lines = (out.stdout + out.stderr).splitlines()
-    noise = [line for line in lines if re.search(r"site-packages|Warning|warn\(|💡|[Dd]eprecat|HINT|Tip:", line)]
+    noise = noise_lines(out.stdout + out.stderr)
     assert not noise, noise[:10]
     table = out.stdout[out.stdout.index("where the time went"):].splitlines()
     for stage in ("pretrain", "captioner", "cold_start", "g4u", "u4g"):

@@ -17,7 +17,6 @@ import os
 import socket
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 import re
 import shutil
@@ -33,6 +32,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+import uae_lightning.quiet  # noqa: F401  (first: silences third-party notices)
 from uae_lightning.bench.core import run_bench
 from uae_lightning.distributed import barrier, release
 from uae_lightning.bench.io import save_png
@@ -46,35 +46,6 @@ from uae_lightning.rewards.callback import RewardCallback
 from uae_lightning.stages.base import NonFiniteError
 
 log = logging.getLogger("uae_lightning")
-
-# Third-party notices a user of this package cannot act on, silenced where they arise (each one checked against what
-# the package does): Lightning's advertisement for its cloud logger and its accelerator inventory (the run's own
-# log says where it runs); its advice to launch with srun (the SLURM launcher does; a login-node run is meant to be
-# local); the skipped validation loop (held-out evaluation is the test loop, by design); its note that
-# manual-optimisation checkpoints hold the weights after the step (what a resume needs); its own internal
-# deprecation (pytree); the max_steps stop (every stage stops there); diffusers' note on casting a model that has
-# no float32-only modules.
-for _message in (r"The `srun` command is available on your system but is not used",
-                 r"You passed in a `val_dataloader` but have no `validation_step`",
-                 r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
-                 r"`isinstance\(treespec, LeafSpec\)` is deprecated"):
-    warnings.filterwarnings("ignore", message=_message)
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *starts: str):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(self.starts)
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    _DropMessages("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped: `max_steps="))
-logging.getLogger("diffusers.models.modeling_utils").addFilter(
-    _DropMessages("There are modules in SD3Transformer2DModel that should be kept in float32: []"))
-
 
 def run_name(override_dirname: str) -> str:
     """Directory name for a set of overrides: readable when short, hashed when long, "default" when empty. `key=value`

@@ -35,6 +35,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import uae_lightning.quiet  # noqa: F401  (first: silences third-party notices)
 from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.lora import base_part, has_adapter, lora_config
 from uae_lightning.models.weights import load_weights

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import torch
 
+import uae_lightning.quiet  # noqa: F401  (first: silences third-party notices)
 from uae_lightning.callbacks import preemption
 from uae_lightning.bench.core import DEFAULT_BACKBONES, format_summary, run_bench, score_folders
 from uae_lightning.pipeline import positive_int
@@ -45,16 +47,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     preemption.install()  # SIGUSR1 (SLURM's warning) stops the bench after a batch; re-running resumes
+    bar = sys.stderr.isatty()  # a progress bar in a terminal; in a log file, a line a minute (run_bench)
     try:
         if args.command == "run":
             from uae_lightning.pipeline import load
 
             pipe = load(args.model, args.stage).to(args.device)
             summary = run_bench(pipe, args.images, args.out, args.backbones, args.batch_size, args.seed, args.steps,
-                                max_images=args.max_images)
+                                progress=bar, max_images=args.max_images)
         else:
             summary = score_folders(args.originals, args.reconstructions, args.out, args.backbones, args.resolution,
-                                    args.batch_size or 16, args.device)
+                                    args.batch_size or 16, args.device, progress=bar)
     except preemption.Preempted as stop:
         preemption.requeue(str(stop), wait_s=600.0)
     except (ValueError, FileNotFoundError) as err:  # a user's input: one line (exit 2), no traceback

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from uae_lightning.distributed import barrier, process_group
 from uae_lightning.rewards.backbones import PAPER_BACKBONES, Similarity
 
 log = logging.getLogger("uae_lightning.bench")
+HEARTBEAT_S = 60.0  # without a progress bar (a log file), a progress line at most this often
 
 DEFAULT_BACKBONES = list(PAPER_BACKBONES)  # clip, dinov2, dinov3, longclip
 RESULTS, SUMMARY = "results.jsonl", "summary.json"
@@ -172,7 +174,8 @@ def png_names(names: list[str]) -> dict[str, str]:
 def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None,
               batch_size: int | None = None, seed: int | None = None, num_steps: int | None = None,
               progress: bool = True, fresh: bool = False, max_images: int | None = None) -> dict:
-    """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images. Backbones
+    """Unified-Bench of a pipeline (uae_lightning.pipeline.UAEPipeline) on a folder of reference images, with a
+    progress bar (`progress`, a terminal) or a log line at most every HEARTBEAT_S seconds (a log file). Backbones
     (and where they load from), seed, batch size and `max_images` (the first N images by name; None: all) default to
     the settings of the run the pipeline came from (`pipe.bench`), so a re-run reproduces the run's own score; then
     to the paper's four backbones, seed 0, 16, all images.
@@ -214,6 +217,7 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     n_batches = -(-per_rank // batch_size)
     todo = todo[rank::world]
     bar = tqdm(total=len(todo), desc="Unified-Bench", unit="img", disable=not progress or rank != 0)
+    beat = time.monotonic()
     for k in range(n_batches):
         batch = todo[k * batch_size : (k + 1) * batch_size]
         loaded = [(f, load_tensor(f, pipe.resolution)) for f in batch]
@@ -240,6 +244,10 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
                 append_row(own_file, {"image": name, "caption": texts[i], "reconstruction": str(rel),
                                       "scores": {b: scores[b][i] for b in backbones}})
         bar.update(len(batch))
+        if not progress and rank == 0 and k + 1 < n_batches and time.monotonic() - beat >= HEARTBEAT_S:
+            beat = time.monotonic()
+            log.info("Unified-Bench: batch %d of %d (%d of this rank's %d images)", k + 1, n_batches,
+                     min((k + 1) * batch_size, len(todo)), len(todo))
         if preemption.agreed():  # this batch's rows are in the results files: a re-run resumes after them
             bar.close()
             raise preemption.Preempted(f"Unified-Bench of {out}, after batch {k + 1} of {n_batches}")
