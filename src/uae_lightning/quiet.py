@@ -15,8 +15,9 @@ package does:
 - diffusers: the note that a model has no float32-only modules to keep.
 - Hugging Face's weight-loading progress bars when stderr is not a terminal (a SLURM log, a pipe): one bar per
   checkpoint, a second long, at every start and requeue. In a terminal they stay.
-
-Hydra's warning that conf/hydra/launcher/submitit_slurm.yaml shadows the plugin's schema is silenced in slurm.py.
+- Hydra: conf/hydra/launcher/submitit_slurm.yaml deliberately shadows the plugin's option of the same name (so the
+  plain `hydra/launcher=submitit_slurm` gets our defaults); Hydra still validates it against the plugin's schema and
+  warns, in the submitting process and again in each job. Its message starts with a newline, hence the `\s*`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ for _message in (r"The `srun` command is available on your system but is not use
                  r"Found \d+ module\(s\) in eval mode at the start of training",
                  r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                  r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
-                 r"FSDP2-wrapped module \(\w+\) returned a view tensor"):
+                 r"FSDP2-wrapped module \(\w+\) returned a view tensor",
+                 r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema"):
     warnings.filterwarnings("ignore", message=_message)
 
 

@@ -3,17 +3,10 @@ the job, that the allocation matches the trainer."""
 from __future__ import annotations
 
 import os
-import warnings
 
 from omegaconf import DictConfig, OmegaConf
 
 from uae_lightning.config import ConfigError
-
-
-# conf/hydra/launcher/submitit_slurm.yaml deliberately shadows the plugin's option of the same name (so the plain
-# `hydra/launcher=submitit_slurm` gets our defaults); Hydra still validates it against the plugin's schema, and warns
-# (in the submitting process and again in each job). The message starts with a newline, which `.` does not match.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 
 
 def _count(devices, key: str = "trainer.devices") -> int:
