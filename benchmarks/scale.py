@@ -28,7 +28,7 @@ def _worker(out: Path, overrides: list[str]) -> None:
     import torch
 
     from common import default_config
-    import uae_lightning.cli as cli
+    import uae_lightning.runner as runner
 
     torch.set_num_threads(1)
     record = {}
@@ -45,15 +45,15 @@ def _worker(out: Path, overrides: list[str]) -> None:
             record["test_s"] = time.perf_counter() - record.pop("t_test")
             (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
-    build = cli.build_trainer
+    build = runner.build_trainer
 
     def with_measure(cfg, name, stage_dir):
         trainer = build(cfg, name, stage_dir)
         trainer.callbacks.append(Measure())
         return trainer
 
-    cli.build_trainer = with_measure
-    cli.run_pipeline(default_config(overrides), out / "run")
+    runner.build_trainer = with_measure
+    runner.run_pipeline(default_config(overrides), out / "run")
 
 
 def run(out: Path, overrides: list[str]) -> list[dict]:

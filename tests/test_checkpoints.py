@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, compose_cfg
-from uae_lightning.cli import run_pipeline
+from uae_lightning.runner import run_pipeline
 
 U4G = ["run=[u4g]", *FAST, "stages.u4g.data.batch_size=2", "stages.u4g.module.group_size=2",
        "stages.u4g.module.num_steps=4", "stages.u4g.module.train_window=[0,2]", "stages.u4g.module.eval_steps=2",

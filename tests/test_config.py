@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,17 @@ def test_impossible_values_fail_naming_the_key(override, key):
         validate(compose_cfg([override]))
 
 
+def heavy_imports(importtime_log: str) -> set[str]:
+    """The heavy packages a `python -X importtime` run imported (torch, Lightning, transformers, diffusers)."""
+    return set(re.findall(r"\|\s*(torch|lightning|transformers|diffusers)$", importtime_log, re.M))
+
+
+def test_heavy_imports_reads_importtime_output():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch"], capture_output=True, text=True,
+                         timeout=120)
+    assert heavy_imports(out.stderr) == {"torch"}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -76,10 +88,12 @@ def test_impossible_values_fail_naming_the_key(override, key):
     ],
 )
 def test_cli_rejects_bad_configs_before_building_models(args, message, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "uae_lightning", *args, f"paths.runs_dir={tmp_path}"],
+    """...and before importing torch or the model libraries, so a misspelt key is reported in about a second."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "uae_lightning", *args, f"paths.runs_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
+    assert not heavy_imports(out.stderr)
     assert "GPU available" not in out.stderr + out.stdout  # no Trainer, so no model, was ever built
     assert not list(tmp_path.rglob("*.safetensors"))
     if "is not valid" in message or "is not set" in message:  # our own checks: one line, no traceback (UAE_DEBUG=1 would show it)
@@ -175,7 +189,7 @@ def test_paper_presets_score_with_the_paper_reward():
 ])
 def test_a_wrong_model_or_backbone_source_stops_the_run_before_any_stage(tmp_path, override, named):
     """Checked before the first stage trains (not after it, when the in-run Unified-Bench first loads a backbone)."""
-    from uae_lightning.cli import run_pipeline
+    from uae_lightning.runner import run_pipeline
 
     cfg = compose_cfg(["run=[pretrain]", "bench.backbones=[toy_pixels,clip]", override.format(missing=tmp_path / "missing")])
     with pytest.raises(ConfigError, match=named):
@@ -189,11 +203,27 @@ def test_help_is_the_packages_own():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "uae_lightning", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "uae_lightning", "--help"], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert not heavy_imports(out.stderr)  # the help answers at once
     text = out.stdout
     assert "powered by Hydra" not in text
     for needle in ("embedded toy pipeline", "+experiment=u4g", "hydra/launcher=submitit_slurm", "init_from",
                    "python -m uae_lightning.sweeps", "python -m uae_lightning.bench run",
                    "python -m uae_lightning.pipeline", "experiment: cold_start, g4u, pretrain"):
         assert needle in text, needle
+
+
+def test_u4g_measures_on_three_times_the_held_out_scenes_and_leaves_a_manifest_split_alone():
+    """conf/stage/u4g.yaml: the toy U4G's held-out set is 3x data.val_size, whatever data.val_size is set to (the
+    first third is the other stages' set); with a manifest (no val_size) nothing is added."""
+    from uae_lightning.runner import _merged
+
+    for overrides, expected in (([], 384), (["data.val_size=8"], 24)):
+        cfg = compose_cfg(overrides)
+        assert _merged(cfg.data, cfg.stages.u4g.data).val_size == expected
+        assert _merged(cfg.data, cfg.stages.g4u.data).val_size == expected // 3
+    paper = compose_cfg(["+experiment=u4g", "data.manifest=m.jsonl", "init_from=w.safetensors"])
+    assert _merged(paper.data, paper.stages.u4g.data).get("val_size") is None
+    validate(paper)

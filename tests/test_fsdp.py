@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).parent / "workers" / "stage_losses.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-TINY = ["data.train_size=64", "data.val_size=8", "data.eval_batch_size=8", "trainer.accelerator=cpu",
+TINY = ["data.train_size=64", "data.val_size=8", "stages.u4g.data.val_size=8", "data.eval_batch_size=8", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "bench.batch_size=8"]
 FSDP2 = ["strategy=fsdp2", "strategy.process_group_backend=gloo", "trainer.devices=2"]
 

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import uae_lightning.cli as cli
+import uae_lightning.runner as runner
 from conftest import FAST, compose_cfg
 from uae_lightning.models.build import build_autoencoder
 
@@ -21,7 +21,7 @@ def changed_share(precision: str, tmp_path: Path) -> float:
     """Share of the connector's and DiT's weights that one AdamW step at lr 1e-5 changed (Adam's first step moves
     every weight with a gradient by ~lr)."""
     cfg = compose_cfg(["+experiment=toy_pretrain", *FAST, *BF16, f"trainer.precision={precision}"])
-    cli.run_stage(cfg, "pretrain", 0, tmp_path / precision, None)
+    runner.run_stage(cfg, "pretrain", 0, tmp_path / precision, None)
     trained = load_file(tmp_path / precision / "weights.safetensors")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     with torch.random.fork_rng(devices=[]):  # the stage's own initialisation (UAEStage.configure_model)

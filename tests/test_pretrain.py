@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose_cfg
-from uae_lightning.cli import run_pipeline
+from uae_lightning.runner import run_pipeline
 
 
 def test_short_run_writes_summary_weights_events_and_checkpoint(tmp_path):
@@ -79,7 +79,7 @@ def test_held_out_batches_without_a_usable_image_are_counted_not_fatal(tmp_path)
     re-run reuses the finished stage."""
     from PIL import Image
 
-    from uae_lightning.cli import run_stage
+    from uae_lightning.runner import run_stage
 
     rows = []
     for i in range(16):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose_cfg
-from uae_lightning.cli import run_pipeline
+from uae_lightning.runner import run_pipeline
 from uae_lightning.rewards.callback import RewardCallback
 from uae_lightning.stages.base import NonFiniteError
 from uae_lightning.stages.g4u import G4U
@@ -275,11 +275,11 @@ def test_a_stage_starts_from_the_previous_stages_final_test_when_it_measures_the
     """G4U's starting point is cold start's final held-out test (same weights, same test settings): the numbers are
     copied, not measured again, so the run makes 3 held-out tests, not 4. With another test setting (G4U redraws with
     3 steps, cold start with 2) the starting point is measured."""
-    import uae_lightning.cli as cli
+    import uae_lightning.runner as runner
 
     calls = []
-    original = cli.held_out_test
-    monkeypatch.setattr(cli, "held_out_test", lambda *a: calls.append(1) or original(*a))
+    original = runner.held_out_test
+    monkeypatch.setattr(runner, "held_out_test", lambda *a: calls.append(1) or original(*a))
     cfg = compose_cfg([*G4U_FAST, "run=[cold_start,g4u]", "stages.cold_start.trainer.max_steps=1",
                        "stages.cold_start.module.num_steps=2", "stages.cold_start.module.grad_last_steps=1",
                        "stages.cold_start.module.eval_steps=2", "stages.cold_start.module.max_new_tokens=8",
@@ -295,9 +295,38 @@ def test_a_stage_starts_from_the_previous_stages_final_test_when_it_measures_the
 def test_paired_gain_and_its_standard_error_by_hand():
     """Per-image differences 1, 0, 3 (image 3 only measured before: left out): mean 4/3, sample std
     sqrt(((-1/3)^2 + (-4/3)^2 + (5/3)^2) / 2) = sqrt(7/3), standard error sqrt(7/3) / sqrt(3) = 0.881917."""
-    from uae_lightning.cli import paired_gains
+    from uae_lightning.runner import paired_gains
 
     before = {"per_image": {"reward": {"0": 1.0, "1": 2.0, "2": 4.0, "3": 9.0}}}
     after = {"per_image": {"reward": {"0": 2.0, "1": 2.0, "2": 7.0}}}
     gain, se, n = paired_gains(before, after)["reward"]
     assert n == 3 and gain == pytest.approx(4 / 3) and se == pytest.approx(0.881917, abs=1e-6)
+
+
+def test_u4g_captions_each_held_out_image_once_and_reuses_the_same_captions(tmp_path, monkeypatch):
+    """U4G's captioner is frozen, so its held-out evaluations (the starting point, two during training, the final test)
+    caption each image once: only the first evaluation's batches reach the encoder. Each reused caption and length is
+    what a fresh greedy decoding of that image gives."""
+    from uae_lightning.models.encoder import Encoder
+    from uae_lightning.stages.u4g import U4G
+
+    caption = Encoder.caption
+    calls = []
+    monkeypatch.setattr(Encoder, "caption", lambda self, *a, **k: calls.append(1) or caption(self, *a, **k))
+    cached = U4G.heldout_captions
+    captioned = []  # per held-out batch, in order: did it reach the encoder?
+
+    def checking(self, images, indices, max_new_tokens):
+        before = len(calls)
+        texts, lengths = cached(self, images, indices, max_new_tokens)
+        captioned.append(len(calls) > before)
+        fresh = caption(self.encoder, images, do_sample=False, max_new_tokens=max_new_tokens)  # not counted
+        assert texts == fresh.texts and lengths.tolist() == fresh.completion_mask.sum(1).float().tolist()
+        return texts, lengths
+
+    monkeypatch.setattr(U4G, "heldout_captions", checking)
+    # 8 held-out images in batches of 3, 3 and 2 (U4G's 3x of data.val_size=8 would be 24, so it is set here).
+    cfg = compose_cfg([*U4G_FAST, "data.eval_batch_size=3", "stages.u4g.data.val_size=8", "stages.u4g.trainer.max_steps=4",
+                       "stages.u4g.trainer.val_check_interval=2"])
+    run_pipeline(cfg, tmp_path)
+    assert captioned == [True] * 3 + [False] * 3 * 3  # 4 evaluations x 3 batches: the first captions, the rest reuse

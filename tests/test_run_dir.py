@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from uae_lightning.cli import RunLockedError, run_lock
+from uae_lightning.runner import RunLockedError, run_lock
 
 
 def test_a_second_run_stops_at_once_naming_the_holder(tmp_path):
@@ -23,7 +23,7 @@ def test_a_second_run_stops_at_once_naming_the_holder(tmp_path):
 
 
 def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
-    holder = (f"import os, signal; from pathlib import Path; from uae_lightning.cli import run_lock\n"
+    holder = (f"import os, signal; from pathlib import Path; from uae_lightning.runner import run_lock\n"
               f"with run_lock(Path({str(tmp_path)!r})): os.kill(os.getpid(), signal.SIGKILL)")
     out = subprocess.run([sys.executable, "-c", holder], timeout=120)
     assert out.returncode == -signal.SIGKILL and (tmp_path / ".lock").read_text().startswith("pid ")

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 # Tiny stages: every stage runs its real code for a few steps. One thread per process, so a job under SLURM and a
 # local run compute exactly the same numbers.
-TINY = ["data.train_size=64", "data.val_size=8", "data.batch_size=8", "data.eval_batch_size=8",
+TINY = ["data.train_size=64", "data.val_size=8", "stages.u4g.data.val_size=8", "data.batch_size=8", "data.eval_batch_size=8",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
         "callbacks.preview.every_n_steps=1000", "bench.batch_size=8"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # sbatch passes the environment on to the job

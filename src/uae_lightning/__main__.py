@@ -1,4 +1,4 @@
-"""`python -m uae_lightning`: the CLI (Hydra lives in cli.py so jobs are named after it, not __main__)."""
+"""`python -m uae_lightning`: the command line (cli.py; Hydra lives there, so jobs are named after it, not __main__)."""
 from uae_lightning.cli import main
 
 if __name__ == "__main__":

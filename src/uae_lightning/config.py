@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from uae_lightning.models.build import DECODER_ARCHITECTURES, DTYPES, ENCODER_ARCHITECTURES
-from uae_lightning.models.encoder import CONDITIONING_MODES, PADDING_MODES, PROMPT_POSITIONS
-from uae_lightning.models.flow import SIGMA_SAMPLINGS, WEIGHTING_SCHEMES
-from uae_lightning.rewards.backbones import BACKBONES, PAPER_BACKBONES
-from uae_lightning.rl.flow_grpo import CONVENTIONS
-from uae_lightning.rl.grpo import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
+# choices.py only: the command line validates a config before torch and the model libraries are imported.
+from uae_lightning.choices import (ADVANTAGE_SCALES, CONDITIONING_MODES, CONVENTIONS, DECODER_ARCHITECTURES, DTYPE_NAMES,
+                                   ENCODER_ARCHITECTURES, LOSS_AGGREGATIONS, PADDING_MODES, PAPER_BACKBONES,
+                                   PROMPT_POSITIONS, SIGMA_SAMPLINGS, TOY_BACKBONES, WEIGHTING_SCHEMES)
 
 
 class ConfigError(ValueError):
@@ -89,8 +87,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("min_pixels", "max_pixels"):
         if m.encoder.get(key) is not None:
             _positive_int(m.encoder[key], f"model.encoder.{key}")
-    _one_of(m.encoder.dtype, DTYPES, "model.encoder.dtype")
-    _one_of(m.decoder.dtype, DTYPES, "model.decoder.dtype")
+    _one_of(m.encoder.dtype, DTYPE_NAMES, "model.encoder.dtype")
+    _one_of(m.decoder.dtype, DTYPE_NAMES, "model.decoder.dtype")
     _positive(m.encoder.max_condition_tokens, "model.encoder.max_condition_tokens")
     if not m.encoder.pretrained:
         _one_of(m.encoder.architecture, ENCODER_ARCHITECTURES, "model.encoder.architecture")
@@ -168,10 +166,10 @@ def _check_backbone(name: str, key: str) -> None:
     import re
 
     if name.startswith("toy_"):
-        _one_of(name, BACKBONES, key)
+        _one_of(name, TOY_BACKBONES, key)
     elif name not in PAPER_BACKBONES and not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise ConfigError(
-            f"{key}: {name!r} is not a toy backbone {sorted(BACKBONES)}, a paper backbone "
+            f"{key}: {name!r} is not a toy backbone {sorted(TOY_BACKBONES)}, a paper backbone "
             f"{sorted(PAPER_BACKBONES)}, an existing folder or a Hugging Face id (org/name)"
         )
 

@@ -35,10 +35,12 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import uae_lightning.quiet  # noqa: F401  (first: silences third-party notices)
+from uae_lightning import quiet  # first: silences third-party notices
 from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.lora import base_part, has_adapter, lora_config
 from uae_lightning.models.weights import load_weights
+
+quiet.hide_loading_bars()
 
 EXPORT_FILE = "uae_pipeline.json"
 # decoder/pipeline.py: lets diffusers' own DiffusionPipeline.from_pretrained(<decoder>, custom_pipeline=<decoder>,

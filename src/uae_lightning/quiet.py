@@ -51,9 +51,14 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessag
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
     _DropMessages("There are modules in SD3Transformer2DModel that should be kept in float32: []"))
 
-if not sys.stderr.isatty():
-    import diffusers.utils.logging
-    import transformers.utils.logging
 
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
+
+def hide_loading_bars() -> None:
+    """Hugging Face's and diffusers' loading bars only in a terminal, not in a log file (a SLURM log). Called by the
+    modules that load models (runner, bench, pipeline), so the command line's config checks need neither library."""
+    if not sys.stderr.isatty():
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()

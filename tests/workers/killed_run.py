@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import compose_cfg  # noqa: E402
 
-import uae_lightning.cli as cli  # noqa: E402
+import uae_lightning.runner as runner  # noqa: E402
 from uae_lightning.checkpointing import PARTIAL, AtomicCheckpointIO  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main() -> None:
             save(self, checkpoint, path, storage_options)
 
         AtomicCheckpointIO.save_checkpoint = save_then_die
-    cli.run_pipeline(compose_cfg(overrides), run_dir)
+    runner.run_pipeline(compose_cfg(overrides), run_dir)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import compose_cfg  # noqa: E402
 
-import uae_lightning.cli as cli  # noqa: E402
+import uae_lightning.runner as runner  # noqa: E402
 
 
 class RecordLoss(L.Callback):
@@ -55,14 +55,14 @@ def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    build = cli.build_trainer
+    build = runner.build_trainer
 
     def build_with_recorder(cfg, name, stage_dir):
         trainer = build(cfg, name, stage_dir)
         trainer.callbacks.append(RecordLoss(out))
         return trainer
 
-    cli.build_trainer = build_with_recorder
+    runner.build_trainer = build_with_recorder
     from lightning.pytorch.utilities import rank_zero_only
 
     from uae_lightning.pipeline import UAEPipeline
@@ -75,7 +75,7 @@ def main() -> None:
         return reconstruct(self, images, *args, **kwargs)
 
     UAEPipeline.reconstruct = counted
-    cli.run_pipeline(compose_cfg(overrides), out / "run")
+    runner.run_pipeline(compose_cfg(overrides), out / "run")
     (out / f"bench_rank{rank_zero_only.rank}.json").write_text(json.dumps({
         "images": sum(redrawn), "group_left": torch.distributed.is_initialized()}))
 

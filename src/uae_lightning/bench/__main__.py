@@ -16,11 +16,13 @@ import sys
 
 import torch
 
-import uae_lightning.quiet  # noqa: F401  (first: silences third-party notices)
+from uae_lightning import quiet  # first: silences third-party notices
 from uae_lightning.callbacks import preemption
 from uae_lightning.bench.core import DEFAULT_BACKBONES, format_summary, run_bench, score_folders
 from uae_lightning.pipeline import positive_int
 
+
+quiet.hide_loading_bars()
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m uae_lightning.bench", description=__doc__.split("\n\n")[0],

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from uae_lightning.callbacks import preemption
 from uae_lightning.bench.io import IMAGE_SUFFIXES, list_images, load_tensor, save_grid, save_png, to_uint8
 from uae_lightning.distributed import barrier, process_group
-from uae_lightning.rewards.backbones import PAPER_BACKBONES, Similarity
+from uae_lightning.choices import PAPER_BACKBONES
+from uae_lightning.rewards.backbones import Similarity
 
 log = logging.getLogger("uae_lightning.bench")
 HEARTBEAT_S = 60.0  # without a progress bar (a log file), a progress line at most this often

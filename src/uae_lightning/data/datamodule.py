@@ -12,6 +12,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,15 @@ from uae_lightning.distributed import process_group
 
 from uae_lightning.data import toy
 from uae_lightning.data.images import SkipSample, load_image
+
+
+@lru_cache(maxsize=1 << 14)
+def _toy_scene(seed: int, index: int, resolution: int, max_objects: int) -> tuple[toy.Scene, torch.Tensor]:
+    """Scene `index` and its image (uint8 [3,H,W]). Drawing is most of a sample's cost and a scene never changes,
+    so the images of the last 16384 scenes are kept (about 50 MB at 32 px): later epochs and later stages, which
+    draw from the same splits, reuse them."""
+    scene = toy.make_scene(seed, index, max_objects)
+    return scene, torch.from_numpy(toy.image_array(scene, resolution).copy()).permute(2, 0, 1)
 
 
 class ToyShapes(Dataset):
@@ -37,11 +47,11 @@ class ToyShapes(Dataset):
         return self.size
 
     def __getitem__(self, i: int) -> dict:
-        scene = toy.make_scene(self.seed, i, self.max_objects)
+        scene, image = _toy_scene(self.seed, i, self.resolution, self.max_objects)
         # The short caption's level is drawn per sample (seeded by index) from the configured mixture.
         level = random.Random(self.seed * 7919 + i).choices(self.levels, self.weights)[0]
         return {
-            "image": torch.from_numpy(toy.image_array(scene, self.resolution).copy()).permute(2, 0, 1),
+            "image": image.clone(),  # the cached tensor stays as drawn whatever a consumer does with this one
             "caption": toy.caption(scene, "complete"),
             "short_caption": toy.caption(scene, level),
             "scene": json.dumps(scene.to_dict()),

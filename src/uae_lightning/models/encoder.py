@@ -12,11 +12,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+from uae_lightning.choices import CONDITIONING_MODES, PADDING_MODES, PROMPT_POSITIONS
 from uae_lightning.models.fsdp import gathered
-
-CONDITIONING_MODES = ("text", "in_context")
-PADDING_MODES = ("mask", "pad")
-PROMPT_POSITIONS = ("after_image", "before_image")
 
 
 @dataclass

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
-SIGMA_SAMPLINGS = ("scheduler", "density")
+from uae_lightning.choices import SIGMA_SAMPLINGS, WEIGHTING_SCHEMES
 
 
 def sample_t(n: int, scheme: str, logit_mean: float, logit_std: float, mode_scale: float, device, generator=None) -> torch.Tensor:

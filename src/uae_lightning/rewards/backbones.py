@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uae_lightning.choices import PAPER_BACKBONES, TOY_BACKBONES
+
 
 class Backbone(nn.Module):
     """Base class: subclasses implement `embed`; `forward` returns normalised float32 features.
@@ -237,17 +239,7 @@ class ToyPalette(Backbone):
         return shares[:, 1:].sqrt() + 1e-6  # object colours only; sqrt so a small object still counts
 
 
-BACKBONES: dict[str, Callable[[], Backbone]] = {
-    "toy_pixels": ToyPixels, "toy_regions": ToyRegionColours, "toy_palette": ToyPalette,
-}
-# The paper's Unified-Bench backbones: short name -> hub id. Config `backbone_sources` (conf/config.yaml) says where
-# each short name loads from (a hub id or a local path).
-PAPER_BACKBONES = {
-    "clip": "openai/clip-vit-large-patch14",
-    "dinov2": "facebook/dinov2-large",
-    "dinov3": "facebook/dinov3-vitl16-pretrain-lvd1689m",
-    "longclip": "BeichenZhang/LongCLIP-L",
-}
+BACKBONES: dict[str, Callable[[], Backbone]] = dict(zip(TOY_BACKBONES, (ToyPixels, ToyRegionColours, ToyPalette)))
 
 
 def backbone_source(name: str, sources: dict[str, str] | None = None) -> str | None:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-CONVENTIONS = ("flow_grpo", "gaussian")
+from uae_lightning.choices import CONVENTIONS
 
 
 class Step(NamedTuple):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+from uae_lightning.choices import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,

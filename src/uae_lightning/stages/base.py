@@ -347,7 +347,7 @@ class UAEStage(L.LightningModule):
     def heldout_settings(self) -> dict | None:
         """What this stage's held-out test computes, besides the weights, the held-out data and the reward: stages with
         equal settings measure the same numbers, so a stage's starting point is the previous stage's final test of the
-        same weights (cli.run_stage). None: a test no other stage shares."""
+        same weights (runner.run_stage). None: a test no other stage shares."""
         h = self.hparams
         return {"metrics": "captioning", "eval_steps": h.eval_steps, "eval_seed": h.eval_seed,
                 "eval_guidance_scale": h.eval_guidance_scale, "negative_prompt": h.negative_prompt,
@@ -397,17 +397,21 @@ class UAEStage(L.LightningModule):
         for k, v in self.captioning_metrics(batch, h.eval_steps, h.eval_seed, self.eval_max_new_tokens()).items():
             self.eval_metric(k, v, batch)
 
+    def heldout_captions(self, images: torch.Tensor, indices: list[int], max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+        """Greedy captions of held-out images (`indices`: their places in the split) and their lengths in tokens."""
+        caps = self.encoder.caption(images, do_sample=False, max_new_tokens=max_new_tokens)
+        return caps.texts, caps.completion_mask.sum(1).float()
+
     @torch.no_grad()
     def captioning_metrics(self, batch: dict, num_steps: int, seed: int, max_new_tokens: int) -> dict[str, torch.Tensor]:
         """The auto-encoder on held-out images: greedy caption -> redraw (fixed noise) -> reward; plus caption
         length and, for toy images, informativeness against the scene's ground truth."""
         images = batch["images"]
-        caps = self.encoder.caption(images, do_sample=False, max_new_tokens=max_new_tokens)
-        recon = self.redraw(caps.texts, self.image_noise(batch, seed), num_steps)
-        out = {"reward": self.reward.score(recon, images),
-               "caption_length": caps.completion_mask.sum(1).float()}
+        texts, lengths = self.heldout_captions(images, [int(i) for i in batch["index"]], max_new_tokens)
+        recon = self.redraw(texts, self.image_noise(batch, seed), num_steps)
+        out = {"reward": self.reward.score(recon, images), "caption_length": lengths}
         if batch["scene"][0]:
             out["informativeness"] = torch.tensor(
-                [toy.informativeness(t, toy.Scene.from_dict(json.loads(s))) for t, s in zip(caps.texts, batch["scene"])],
+                [toy.informativeness(t, toy.Scene.from_dict(json.loads(s))) for t, s in zip(texts, batch["scene"])],
                 device=images.device)
         return out

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from uae_lightning.models.flow import SIGMA_SAMPLINGS, flow_matching_loss, noisy_latents, sample_t, sigmas_from_density
+from uae_lightning.choices import SIGMA_SAMPLINGS
+from uae_lightning.models.flow import flow_matching_loss, noisy_latents, sample_t, sigmas_from_density
 from uae_lightning.stages.base import UAEStage
 
 

@@ -14,7 +14,8 @@ import torch
 
 from uae_lightning.models.flow import euler_step
 from uae_lightning.models.lora import set_adapters_enabled
-from uae_lightning.rl.flow_grpo import CONVENTIONS, cps_step, nonzero_advantage, sde_step, step_kl
+from uae_lightning.choices import CONVENTIONS
+from uae_lightning.rl.flow_grpo import cps_step, nonzero_advantage, sde_step, step_kl
 from uae_lightning.rl.grpo import clipped_surrogate, group_advantages
 from uae_lightning.stages.base import UAEStage
 
@@ -74,6 +75,7 @@ class U4G(UAEStage):
         self.report_before = True
         self.per_rank_rng = True  # SDE noise differs between ranks
         self.first_update_ratio: torch.Tensor | None = None  # max |ratio - 1| at the first inner update (a check)
+        self._captions: dict[tuple[int, int], tuple[str, float]] = {}  # (held-out index, budget) -> (caption, length)
 
     def configure_trainable(self) -> None:
         if not self.hparams.lora:
@@ -96,6 +98,19 @@ class U4G(UAEStage):
 
     def velocity(self, x, sigma, cond, mask, negative):
         return self.decoder.guided_velocity(x, sigma, cond, mask, self.hparams.guidance_scale, negative)
+
+    def heldout_captions(self, images: torch.Tensor, indices: list[int], max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+        """U4G never changes the captioner, so a held-out image's greedy caption is the same at every evaluation: it is
+        generated at the first one (the starting point) and reused by the evaluations during training and the final
+        test. Captioning can be a collective (an FSDP-sharded encoder), so a batch is reused only where every rank has
+        all its captions."""
+        keys = [(i, max_new_tokens) for i in indices]
+        if self.trainer.strategy.reduce_boolean_decision(all(k in self._captions for k in keys), all=True):
+            texts = [self._captions[k][0] for k in keys]
+            return texts, torch.tensor([self._captions[k][1] for k in keys], device=images.device)
+        texts, lengths = super().heldout_captions(images, indices, max_new_tokens)
+        self._captions.update(zip(keys, zip(texts, lengths.tolist())))
+        return texts, lengths
 
     # ---- rollout ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
