@@ -130,3 +130,20 @@ def test_resumable_sampler_skips_trained_batches_and_shards_global_batches(monke
     rank1 = list(r1)
     for b in range(10):
         assert sorted(rank0[2 * b : 2 * b + 2] + rank1[2 * b : 2 * b + 2]) == sorted(order[4 * b : 4 * b + 4])
+
+
+def test_toy_images_kept_from_an_earlier_draw_are_the_drawn_ones_whatever_a_consumer_did():
+    """The toy world keeps the images it drew (datamodule._toy_scene). What a sample returns must equal a fresh
+    drawing of its scene at the sample's own resolution, also after another resolution of the same scene was drawn and
+    after a consumer wrote into an earlier copy."""
+    from uae_lightning.data import toy
+    from uae_lightning.data.datamodule import ToyShapes
+
+    levels = {"short": 1.0}
+    at32, at24 = ToyShapes(4, 7, 32, 3, levels), ToyShapes(4, 7, 24, 3, levels)
+    first = at32[2]["image"]
+    first.zero_()  # a consumer writing into its copy
+    for ds, side in ((at32, 32), (at24, 24), (at32, 32)):
+        image = ds[2]["image"]
+        drawn = torch.from_numpy(toy.image_array(toy.make_scene(7, 2, 3), side).copy()).permute(2, 0, 1)
+        assert image.shape == (3, side, side) and torch.equal(image, drawn)

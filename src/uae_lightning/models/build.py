@@ -15,13 +15,13 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from uae_lightning.choices import DECODER_ARCHITECTURES, ENCODER_ARCHITECTURES
+from uae_lightning.choices import DECODER_ARCHITECTURES, DTYPE_NAMES, ENCODER_ARCHITECTURES
 from uae_lightning.data.tokenizer import build_toy_processor
 from uae_lightning.models.connector import Connector
 from uae_lightning.models.decoder import Decoder
 from uae_lightning.models.encoder import Encoder
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # keys: choices.DTYPE_NAMES
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # "float32" -> torch.float32, ...
 
 # Qwen2.5-VL-3B-Instruct's published config (hidden 2048), for random-initialised paper-size models.
 QWEN25_VL_3B = dict(

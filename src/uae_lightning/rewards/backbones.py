@@ -239,7 +239,7 @@ class ToyPalette(Backbone):
         return shares[:, 1:].sqrt() + 1e-6  # object colours only; sqrt so a small object still counts
 
 
-BACKBONES: dict[str, Callable[[], Backbone]] = dict(zip(TOY_BACKBONES, (ToyPixels, ToyRegionColours, ToyPalette)))
+BACKBONES: dict[str, Callable[[], Backbone]] = dict(zip(TOY_BACKBONES, (ToyPixels, ToyRegionColours, ToyPalette), strict=True))
 
 
 def backbone_source(name: str, sources: dict[str, str] | None = None) -> str | None:
