@@ -325,7 +325,7 @@ def test_u4g_captions_each_held_out_image_once_and_reuses_the_same_captions(tmp_
         return texts, lengths
 
     monkeypatch.setattr(U4G, "heldout_captions", checking)
-    # 8 held-out images in batches of 3, 3 and 2 (U4G's 3x of data.val_size=8 would be 24, so it is set here).
+    # 8 held-out images in batches of 3, 3 and 2 (U4G's 4x of data.val_size=8 would be 32, so it is set here).
     cfg = compose_cfg([*U4G_FAST, "data.eval_batch_size=3", "stages.u4g.data.val_size=8", "stages.u4g.trainer.max_steps=4",
                        "stages.u4g.trainer.val_check_interval=2"])
     run_pipeline(cfg, tmp_path)
