@@ -94,9 +94,9 @@ def test_u4g_makes_reconstructions_closer_again(summary):
     0.0012 (4.6 SE); on the first 384 +0.0052 +- 0.0014 (3.7 SE), on the first 128 +0.0071 +- 0.0026 (2.7 SE). U4G
     alone from an earlier run's G4U weights, another random stream: +0.0082 +- 0.0019 (4.3 SE) on 384; on 128, 1.6 to
     3.6 SE over the settings tried (README). The margin is 2 SE, below the 4.6 measured: the effect's size moves with
-    the random stream about as much as with the settings (seed=1: +0.0012 +- 0.0009). A U4G that does not train (a no-op update: gain 0), that pushes away from the reward (a flipped
-    advantage, a broken log-prob), or whose signal is drowned by SDE noise on the untrained steps (sde_steps=all:
-    +0.003 +- 0.003 on 128) fails it."""
+    the random stream about as much as with the settings (seed=1: +0.0012 +- 0.0009). A U4G that does not train (a
+    no-op update: gain 0), that pushes away from the reward (a flipped advantage, a broken log-prob), or whose signal
+    is drowned by SDE noise on the untrained steps (sde_steps=all: +0.003 +- 0.003 on 128) fails it."""
     m = summary["stages"]["u4g"]
     gain, se = m["reward_after"] - m["reward_before"], m["reward_gain_se"]
     assert se > 0 and gain > 2 * se, (gain, se)
