@@ -1,6 +1,13 @@
 """Unified-Bench and the inference pipeline on tiny toy models (random weights, a perturbed captioner LoRA)."""
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -9,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import compose_cfg, save_tiny_clip
 from uae_lightning.bench import run_bench, score_folders
 from uae_lightning.bench.__main__ import main as bench_main
-from uae_lightning.bench.io import save_png
+from uae_lightning.bench.io import save_png, to_uint8
 from uae_lightning.data import toy
 from uae_lightning.models.build import build_connector, build_decoder, build_encoder
 from uae_lightning.models.lora import add_lora
@@ -168,16 +175,21 @@ def test_the_exported_decoder_is_a_diffusers_pipeline_that_draws_what_the_run_dr
     exported transformer and scheduler and given our prompt embeddings and the same noise, draws the same image."""
     from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
-    from uae_lightning.models.attention import MaskedJointAttnProcessor
+    from uae_lightning.models.decoder import MaskedJointAttnProcessor
 
     path = pipe.save_pretrained(tmp_path / "export")
     index = json.loads((path / "decoder" / "model_index.json").read_text())
     assert index["_class_name"] == "UAEDecoderPipeline"
-    assert index["connector"] == ["uae_lightning.models.connector", "Connector"]
+    # custom components as diffusers' remote code lays them out: ["<file in the component's folder>", "<class>"]
+    assert index["connector"] == ["connector", "Connector"] and (path / "decoder" / "connector" / "connector.py").is_file()
+    assert index["pooled"] == ["pooled", "PooledProjection"] and (path / "decoder" / "pooled" / "pooled.py").is_file()
     assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
     gen = DiffusionPipeline.from_pretrained(path / "decoder", custom_pipeline=str(path / "decoder"), trust_remote_code=True)
     assert type(gen).__name__ == "UAEDecoderPipeline"
-    assert all(isinstance(p, MaskedJointAttnProcessor) for p in gen.transformer.attn_processors.values())
+    # the export's own copy of the masked attention (decoder/decoder.py), not this package's class
+    processors = list(gen.transformer.attn_processors.values())
+    assert all(type(p).__name__ == "MaskedJointAttnProcessor" and not isinstance(p, MaskedJointAttnProcessor)
+               for p in processors)
     texts = ["a large red circle top left", "two small blue squares"]
     ours = pipe.generate(texts, [3, 4])
     theirs = gen(texts, seeds=[3, 4], output_type="pt").images
@@ -194,6 +206,30 @@ def test_the_exported_decoder_is_a_diffusers_pipeline_that_draws_what_the_run_dr
     assert torch.allclose(((latents + 1) / 2).clamp(0, 1), ours[:1], atol=1e-5)
     card = (path / "README.md").read_text()
     assert "DiffusionPipeline.from_pretrained" in card and "PeftModel.from_pretrained" in card
+
+
+def readme_diffusers_snippet() -> str:
+    """README's diffusers loading of an export, verbatim: from its import to the first image drawn."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = re.search(r"^(from diffusers import DiffusionPipeline\n.*?^image = gen\(.*?\n)", text, re.S | re.M)
+    assert snippet, "README.md has no diffusers snippet"
+    return snippet.group(1)
+
+
+def test_the_exported_decoder_loads_in_a_process_that_cannot_import_this_package(pipe, tmp_path):
+    """README's diffusers snippet, run as it stands in a fresh interpreter where `import uae_lightning` fails (as where
+    the package is not installed): the export's decoder/ folder carries its own code, and draws the image that
+    UAEPipeline.generate draws for the same caption and seed."""
+    pipe.save_pretrained(tmp_path / "exports" / "toy")
+    code = ("import sys\nsys.modules['uae_lightning'] = None  # any import of the package fails\n"
+            + readme_diffusers_snippet()
+            + "import numpy as np\nnp.save('drawn.npy', np.asarray(image))\n"
+            + "assert not any(m.startswith('uae_lightning') for m in sys.modules if sys.modules[m] is not None)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = to_uint8(pipe.generate(["a large red circle at the top-left"], [0])[0])
+    assert np.array_equal(np.load(tmp_path / "drawn.npy"), ours)
 
 
 def test_command_lines(pipe, references, tmp_path, capsys):

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from uae_lightning.cli import run_name
-from uae_lightning.config import ConfigError, validate
+from uae_lightning.config import validate
+from uae_lightning.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 

@@ -119,7 +119,8 @@ def test_every_stage_trains_under_fsdp2_in_the_paper_precision_and_exports(tmp_p
     from safetensors.torch import load_file
 
     weights = run / "u4g" / "weights.safetensors"
-    assert load_file(weights)["decoder.transformer.pos_embed.proj.weight"].dtype == torch.bfloat16  # as loaded
+    adapter = load_file(weights)  # U4G's output: the DiT's adapter alone, trained (and so written) in float32
+    assert adapter and all(k.startswith("merge.decoder.") and v.dtype == torch.float32 for k, v in adapter.items())
     # The consolidated weights load into plain models (captioner LoRA kept) and the export round-trips; compared in
     # fp32, where greedy captions are reproducible (in bf16 the export's from_pretrained path differs in the last
     # bits and a greedy caption can flip: issue 11's reload check).

@@ -24,9 +24,7 @@ def changed_share(precision: str, tmp_path: Path) -> float:
     runner.run_stage(cfg, "pretrain", 0, tmp_path / precision, None)
     trained = load_file(tmp_path / precision / "weights.safetensors")
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    with torch.random.fork_rng(devices=[]):  # the stage's own initialisation (UAEStage.configure_model)
-        torch.manual_seed(model["seed"])
-        _, connector, decoder = build_autoencoder(model, cfg.data.resolution)
+    _, connector, decoder = build_autoencoder(model, cfg.data.resolution)  # the stage's own initialisation
     before = {f"connector.{k}": v for k, v in connector.state_dict().items()}
     before.update({f"decoder.{k}": v for k, v in decoder.state_dict().items() if k.startswith("transformer.")})
     moved = sum(int((trained[k].float() != v.float()).sum()) for k, v in before.items() if v.dim() == 2)

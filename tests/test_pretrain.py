@@ -118,7 +118,7 @@ def test_a_finished_stage_is_reused_only_under_its_own_settings(tmp_path):
     changed default would) stops with a message naming the key instead of reusing the old result."""
     import pytest
 
-    from uae_lightning.config import ConfigError
+    from uae_lightning.errors import ConfigError
 
     base = ["+experiment=toy_pretrain", *FAST, "stages.pretrain.trainer.max_steps=2"]
     run_pipeline(compose_cfg(base), tmp_path)
@@ -148,7 +148,7 @@ def test_a_callback_and_a_second_logger_added_from_the_command_line_run(tmp_path
     assert "train/loss" in ea.Tags()["scalars"] and not ea.Tags()["images"]
     import pytest
 
-    from uae_lightning.config import ConfigError
+    from uae_lightning.errors import ConfigError
 
     with pytest.raises(ConfigError, match="callbacks.bad must be null or hold a _target_"):
         run_pipeline(compose_cfg(["+experiment=toy_pretrain", *FAST, "+callbacks.bad.every=2"]), tmp_path / "bad")

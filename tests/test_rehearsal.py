@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, noise_lines
+from uae_lightning.pipeline import UAEPipeline
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 OFFICIAL_PROMPT = ("You are an expert vision-language model.  \nYour task is: Given an input image, generate a "
@@ -68,13 +69,17 @@ def stage_overrides(paths: dict) -> dict[str, list[str]]:
     return out
 
 
-def rehearsal_script(paths: dict) -> str:
-    """The README block with the fixture's paths and sizes: the data path replaced, GPUs replaced by 2 CPU processes,
-    the size/step overrides appended to each stage command."""
+def rehearsal_script(paths: dict, ranks: int) -> str:
+    """The README block with the fixture's paths and sizes: the data path replaced, GPUs replaced by 2 CPU processes
+    under SLURM (FSDP2 over gloo) or by one local process (a one-GPU debug run: strategy=auto, no launcher), the
+    size/step overrides appended to each stage command."""
     script = readme_block()
     script = script.replace("/data/long_captions/train.jsonl", str(paths["manifest"]))
-    script = script.replace("trainer.accelerator=gpu trainer.devices=8",
-                            "trainer.accelerator=cpu trainer.devices=2 strategy.process_group_backend=gloo")
+    gpus = "hydra/launcher=submitit_slurm trainer.accelerator=gpu trainer.devices=8 strategy=fsdp2"
+    assert gpus in script, "the README block's GPU settings changed: update the rehearsal"
+    script = script.replace(gpus, "hydra/launcher=submitit_slurm trainer.accelerator=cpu trainer.devices=2 strategy=fsdp2 "
+                            "strategy.process_group_backend=gloo" if ranks == 2 else
+                            "trainer.accelerator=cpu trainer.devices=1 strategy=auto")
     script = script.replace("bench_images/1024", "bench_images/64")
     overrides = stage_overrides(paths)
     lines = []
@@ -141,33 +146,79 @@ def test_official_inference_strings_are_rendered_as_the_release_renders_them(fix
     assert int((inputs["input_ids"] == 151655).sum()) == 9 * 9
 
 
+def run_block(paths: dict, ranks: int, cwd: Path) -> str:
+    """Run the README block on `ranks` processes; returns its output (checked for third-party noise)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "-c", rehearsal_script(paths, ranks)], cwd=cwd, capture_output=True, text=True,
+                         timeout=1500, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    # What a researcher reads: no third-party warning, deprecation notice or progress bar (conftest.NOISE). Lightning's
+    # warning that an epoch (here 5 batches) is shorter than the logging interval is one a user acts on (a larger
+    # dataset or a lower trainer.log_every_n_steps): allowed.
+    out = res.stdout + res.stderr
+    noise = [line for line in noise_lines(out) if "is smaller than the logging interval" not in line]
+    assert not noise, noise[:6]
+    return out
+
+
+@pytest.mark.slow
+def test_readme_paper_block_runs_end_to_end_on_one_process(fixture_dir, tmp_path):
+    """A one-GPU debug run (trainer.devices=1, strategy=auto, no launcher) of the same block, in the presets' bf16:
+    the encoder's tied lm_head / embed_tokens (as Qwen2.5-VL-3B ships them) are one tensor in every file."""
+    _, paths = fixture_dir
+    run_block(paths, 1, tmp_path)
+    check_rehearsal(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("slurm_cluster")
 def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir, tmp_path):
     _, paths = fixture_dir
-    script = rehearsal_script(paths)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert not noise_lines(res.stdout + res.stderr), noise_lines(res.stdout + res.stderr)[:6]  # bench run, export
-
+    run_block(paths, 2, tmp_path)
     runs = tmp_path / "runs"
     for stage in ("pretrain", "cold_start", "g4u", "u4g"):
         [run] = [p.parent.parent for p in runs.glob(f"{stage}/*/{stage}/done.json")]
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["unified_bench"][stage] is not None
         ckpt = run / stage / "checkpoints" / "last.ckpt"
         assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # sharded over 2 FSDP2 ranks
         logs = "".join(p.read_text() for p in (run.parent / ".submitit").rglob("*_log.*"))
         assert "MEMBER: 2/2" in logs  # one SLURM job, two tasks = two ranks
         # only rank 0 read the checkpoints; rank 1 built empty models and received its shards
         assert "rank 1: building the models without weights" in logs
-        # A SLURM log a researcher reads: no third-party warning, deprecation notice or progress bar (conftest.NOISE),
-        # on either rank. Lightning's warning that an epoch (here 5 batches) is shorter than the logging interval is
-        # one a user acts on (a larger dataset or a lower trainer.log_every_n_steps): allowed.
+        # the SLURM logs of both ranks are as clean as the block's own output
         noise = [line for line in noise_lines(logs) if "is smaller than the logging interval" not in line]
         assert not noise, (stage, noise[:6])
+    check_rehearsal(tmp_path)
+
+
+def check_rehearsal(tmp_path: Path) -> None:
+    """What both rehearsals must show: four stages whose outputs hold what each trained (a LoRA stage's under 5 % of
+    the complete weights) and load as a chain into exactly the complete weights; the bench reproduced; the export
+    reloaded with the libraries' own classes into the same captions and images."""
+    from safetensors import safe_open
+
+    from uae_lightning.models.weights import save_weights
+
+    runs = tmp_path / "runs"
+    for stage in ("pretrain", "cold_start", "g4u", "u4g"):
+        [run] = [p.parent.parent for p in runs.glob(f"{stage}/*/{stage}/done.json")]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["unified_bench"][stage] is not None
+    # The chain (four files, each on top of the one before) loads into the weights a complete file holds.
+    ours = UAEPipeline.from_run(run)
+    complete = tmp_path / "complete.safetensors"
+    save_weights(complete, {"encoder": ours.encoder.state_dict(), "connector": ours.connector.state_dict(),
+                            "decoder": ours.decoder.state_dict()}, {}, ours.encoder_lora)
+    with safe_open(str(complete), "pt") as f:  # the tied head is written once
+        assert "encoder.model.model.language_model.embed_tokens.weight" in f.keys()
+        assert "encoder.model.lm_head.weight" not in f.keys()
+    whole = UAEPipeline.from_weights(complete, ours.model_cfg, ours.resolution)
+    a, b = ours.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lm = whole.encoder.model
+    assert lm.lm_head.weight.data_ptr() == lm.model.language_model.embed_tokens.weight.data_ptr()  # re-tied
+    sizes = {s: next(runs.glob(f"{s}/*/{s}/weights.safetensors")).stat().st_size for s in ("cold_start", "g4u", "u4g")}
+    assert all(size < 0.05 * complete.stat().st_size for size in sizes.values()), (sizes, complete.stat().st_size)
     # `bench run --model <run>` used the run's own bench settings (backbones and their sources, resolution, steps,
     # CFG, seed) and reproduced its score.
     rerun = json.loads((tmp_path / "bench" / "u4g" / "summary.json").read_text())
@@ -179,16 +230,15 @@ def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir
     # The export reloads with the libraries' own classes into the same captions and images for the same seeds.
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from diffusers import DiffusionPipeline
 
-    from uae_lightning.decoder_pipeline import PooledProjection
     from uae_lightning.models.connector import Connector
     from uae_lightning.models.decoder import Decoder
     from uae_lightning.models.encoder import Encoder
-    from uae_lightning.pipeline import UAEPipeline, redraw
+    from uae_lightning.models.pooled import PooledProjection
+    from uae_lightning.pipeline import redraw
 
     export = tmp_path / "exports" / "uae"
     meta = json.loads((export / "uae_pipeline.json").read_text())
@@ -206,7 +256,6 @@ def test_readme_paper_block_runs_end_to_end_under_slurm_on_two_ranks(fixture_dir
                       AutoencoderKL.from_pretrained(d / "vae", torch_dtype=torch.bfloat16),
                       PooledProjection.from_pretrained(d / "pooled").vector)
     assert decoder.scheduler.config.shift == 3.0
-    ours = UAEPipeline.from_run(run)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for seed in (0, 1):  # sampled captions (the random tiny model's greedy ones are only whitespace)
         torch.manual_seed(seed)

@@ -99,7 +99,8 @@ def test_cold_start_trains_through_the_last_sampler_steps_only(tmp_path):
 
 
 def test_g4u_config_mistakes_fail_naming_the_key():
-    from uae_lightning.config import ConfigError, validate
+    from uae_lightning.config import validate
+    from uae_lightning.errors import ConfigError
 
     for override, key in [("stages.g4u.module.group_size=1", "group_size"), ("stages.g4u.module.clip_range_low=0", "clip_range_low"),
                           ("stages.g4u.module.loss_aggregation=mean", "loss_aggregation"),

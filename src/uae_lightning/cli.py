@@ -9,10 +9,7 @@ answer in about a second; torch, Lightning and the model libraries (several seco
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import re
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,10 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import uae_lightning.quiet  # noqa: F401  (first: silences third-party notices)
-from uae_lightning.config import ConfigError, validate
+from uae_lightning.config import validate
+from uae_lightning.errors import ConfigError, fail
 from uae_lightning.slurm import check_allocation, register_resolvers
-
-log = logging.getLogger("uae_lightning")
 
 
 def run_name(override_dirname: str) -> str:
@@ -38,17 +34,6 @@ def run_name(override_dirname: str) -> str:
 
 OmegaConf.register_new_resolver("uae_run_name", run_name, replace=True)
 register_resolvers()  # uae_slurm_* for conf/hydra/launcher/submitit_slurm.yaml
-
-# What a user can cause and fix (a bad key, a missing file; runner.run adds a diverged run and a run directory in use):
-# one line, no traceback, exit code 2 (1 for a run that diverged); UAE_DEBUG=1 shows the traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
-
-
-def fail(err: Exception, code: int = 2) -> None:
-    if os.environ.get("UAE_DEBUG") == "1":
-        raise err
-    log.error("%s: %s  (UAE_DEBUG=1 shows the traceback)", type(err).__name__, err)
-    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://uae_lightning.conf", config_name="config")

@@ -8,9 +8,7 @@ from uae_lightning.choices import (ADVANTAGE_SCALES, CONDITIONING_MODES, CONVENT
                                    ENCODER_ARCHITECTURES, LOSS_AGGREGATIONS, PADDING_MODES, PAPER_BACKBONES,
                                    PROMPT_POSITIONS, SIGMA_SAMPLINGS, TOY_BACKBONES, WEIGHTING_SCHEMES)
 
-
-class ConfigError(ValueError):
-    pass
+from uae_lightning.errors import ConfigError
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:

@@ -9,10 +9,11 @@ from Hugging Face formats.
 
 Export layout (each part loads with its library's own `from_pretrained`):
 
-    decoder/          a diffusers pipeline (decoder_pipeline.UAEDecoderPipeline: caption text -> image):
-                      model_index.json, pipeline.py, text_encoder/ (Qwen2_5_VLForConditionalGeneration, base
-                      weights), processor/, connector/ and pooled/ (diffusers models), transformer/, scheduler/,
-                      vae/ (latent decoders)
+    decoder/          a diffusers pipeline (models/decoder_pipeline.UAEDecoderPipeline: caption text -> image):
+                      model_index.json, text_encoder/ (Qwen2_5_VLForConditionalGeneration, base weights), processor/,
+                      connector/ and pooled/ (diffusers models, each with its class's code), transformer/, scheduler/,
+                      vae/ (latent decoders), and the pipeline's code (pipeline.py, decoder.py, conditioning.py): it
+                      loads with diffusers alone, without this package
     encoder_adapter/  the captioner's LoRA for decoder/text_encoder as a peft adapter (adapter_config.json,
                       adapter_model.safetensors): the captioner is the text encoder with this adapter
     uae_pipeline.json resolution, sampling defaults, the run's Unified-Bench settings (`bench`) and stage metrics,
@@ -26,7 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import json
-import zlib
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -37,17 +38,15 @@ from torch import nn
 
 from uae_lightning import quiet  # first: silences third-party notices
 from uae_lightning.models.build import build_autoencoder
+from uae_lightning.models.decoder import seed_for
+from uae_lightning.models.decoder_pipeline import UAEDecoderPipeline
+from uae_lightning.models.pooled import PooledProjection
 from uae_lightning.models.lora import base_part, has_adapter, lora_config
 from uae_lightning.models.weights import load_weights
 
 quiet.hide_loading_bars()
 
 EXPORT_FILE = "uae_pipeline.json"
-# decoder/pipeline.py: lets diffusers' own DiffusionPipeline.from_pretrained(<decoder>, custom_pipeline=<decoder>,
-# trust_remote_code=True) find the pipeline class (one import line: this package must be installed).
-PIPELINE_SHIM = '''"""uae_lightning's decoder pipeline (caption text -> image); needs `pip install uae_lightning`."""
-from uae_lightning.decoder_pipeline import UAEDecoderPipeline  # noqa: F401
-'''
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter of a whole model
 
 
@@ -73,11 +72,6 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise ValueError(text)
     return value
-
-
-def seed_for(key: str, seed: int) -> int:
-    """A per-item seed from a name: an image's noise never depends on which batch it lands in (resumable bench)."""
-    return (zlib.crc32(key.encode()) + seed * 1_000_003) % (2**63)
 
 
 def bench_settings(cfg, stage: str | None = None) -> dict:
@@ -128,7 +122,7 @@ class UAEPipeline(nn.Module):
     def from_weights(cls, weights: str | Path, model_cfg: dict, resolution: int, **kwargs) -> "UAEPipeline":
         """Build the models of `model_cfg` (the run's `model:` config) and load a stage's weights.safetensors."""
         encoder, connector, decoder = build_autoencoder(model_cfg, resolution)
-        lora = load_weights(weights, encoder, connector, decoder)
+        lora = load_weights(weights, encoder, connector, decoder, model_cfg)
         return cls(encoder, connector, decoder, resolution, model_cfg, encoder_lora=lora, **kwargs)
 
     @classmethod
@@ -165,8 +159,6 @@ class UAEPipeline(nn.Module):
     def from_pretrained(cls, path: str | Path, **kwargs) -> "UAEPipeline":
         """Load an export written by `save_pretrained`; the encoder and decoder load through the same
         `from_pretrained` code path as Hugging Face hub checkpoints."""
-        from uae_lightning.models.connector import Connector
-
         path = Path(path)
         meta_file = path / EXPORT_FILE
         if not meta_file.is_file():
@@ -179,7 +171,7 @@ class UAEPipeline(nn.Module):
         cfg["decoder"]["pretrained"] = str(dec)
         cfg["decoder"]["pooled"] = str(dec / "pooled")
         encoder, connector, decoder = build_autoencoder(cfg, meta["resolution"])
-        connector.load_state_dict(Connector.from_pretrained(dec / "connector").state_dict())
+        connector.load_state_dict(type(connector).from_pretrained(dec / "connector").state_dict())
         lora = None
         adapter_dir = path / "encoder_adapter"
         if adapter_dir.is_dir():
@@ -198,18 +190,16 @@ class UAEPipeline(nn.Module):
     def decoder_pipeline(self):
         """The decoder half as a diffusers pipeline (decoder_pipeline.UAEDecoderPipeline) sharing these modules; its
         text encoder is the encoder without the captioner adapter, as the decoder is always conditioned."""
-        from uae_lightning.decoder_pipeline import PooledProjection, UAEDecoderPipeline
-
         pooled = PooledProjection(self.decoder.pooled.numel())
         pooled.vector.copy_(self.decoder.pooled)
-        e, enc = self.model_cfg["encoder"], self.encoder
+        enc = self.encoder
         return UAEDecoderPipeline(
             text_encoder=enc.model, processor=enc.processor, connector=self.connector, pooled=pooled,
             transformer=self.decoder.transformer, scheduler=self.decoder.scheduler, vae=self.decoder.vae,
-            prompt=enc.prompt, generate_role=enc.generate_role, prompt_position=e.get("prompt_position", "after_image"),
-            generation_prompt=e.get("generation_prompt", False), max_condition_tokens=enc.max_condition_tokens,
-            condition_padding=enc.condition_padding, resolution=self.resolution, num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt)
+            generate_role=enc.generate_role, generation_prompt=enc.generation_prompt,
+            max_condition_tokens=enc.max_condition_tokens, condition_padding=enc.condition_padding,
+            resolution=self.resolution, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+            negative_prompt=self.negative_prompt)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the export (layout in the module docstring) and its model card; returns its directory."""
@@ -220,7 +210,7 @@ class UAEPipeline(nn.Module):
         dec = path / "decoder"
         pipe = self.decoder_pipeline()
         pipe.save_config(dec)  # model_index.json: the pipeline class, its components and settings
-        (dec / "pipeline.py").write_text(PIPELINE_SHIM)
+        write_decoder_code(dec)
         # The parts, each with its own library's save_pretrained; the text encoder without the captioner adapter.
         enc.save_pretrained(dec / "text_encoder", state_dict=base_part(enc.state_dict()) if adapter else None)
         self.encoder.processor.save_pretrained(dec / "processor")
@@ -275,6 +265,33 @@ class UAEPipeline(nn.Module):
         """Image -> caption -> image: the auto-encoder round trip; returns the captions and the redrawn images."""
         texts = self.caption(images)
         return texts, self.generate(texts, seeds, num_steps)
+
+
+# The exported decoder's code, laid out as diffusers' remote code expects it: the pipeline class in pipeline.py with the
+# files it imports relatively beside it, and each custom component's class in `<component>/<library>.py`, named in
+# model_index.json as ["<library>", "<class>"]. Each source file imports only torch, transformers and diffusers.
+PIPELINE_CODE = {"pipeline.py": "uae_lightning.models.decoder_pipeline", "decoder.py": "uae_lightning.models.decoder",
+                 "conditioning.py": "uae_lightning.models.conditioning"}
+COMPONENT_CODE = {"connector": ("uae_lightning.models.connector", "Connector"),
+                  "pooled": ("uae_lightning.models.pooled", "PooledProjection")}
+
+
+def _source(module: str) -> str:
+    return Path(importlib.util.find_spec(module).origin).read_text()
+
+
+def write_decoder_code(folder: Path) -> None:
+    """Copy the decoder pipeline's source files into an export's decoder/ folder and name the custom components'
+    files in its model_index.json, so that it loads with diffusers in a process without this package."""
+    for name, module in PIPELINE_CODE.items():
+        (folder / name).write_text(_source(module))
+    index = json.loads((folder / "model_index.json").read_text())
+    for component, (module, cls) in COMPONENT_CODE.items():
+        library = module.rsplit(".", 1)[1]
+        (folder / component).mkdir(parents=True, exist_ok=True)
+        (folder / component / f"{library}.py").write_text(_source(module))
+        index[component] = [library, cls]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(meta: dict, adapter: bool, summary: dict | None) -> str:
@@ -336,7 +353,7 @@ def load(source: str, stage: str | None = None, **kwargs) -> UAEPipeline:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from uae_lightning.bench.io import list_images, load_tensor, save_png
+    from uae_lightning.bench.io import list_images, load_tensor, png_names, save_png
 
     p = argparse.ArgumentParser(prog="python -m uae_lightning.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an export directory or a run directory")
@@ -374,8 +391,6 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"text": text, "image": str(out / f"{i:04d}.png")}))
         return
     files = list_images(args.images)
-    from uae_lightning.bench.core import png_names
-
     if len({f.name for f in files}) < len(files):
         raise SystemExit("error: several inputs share a file name; their reconstructions would overwrite each other")
     png = png_names([f.name for f in files])

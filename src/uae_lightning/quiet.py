@@ -52,6 +52,12 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(
     _DropMessages("There are modules in SD3Transformer2DModel that should be kept in float32: []"))
 
 
+def progress_bars(enabled: bool) -> bool:
+    """Whether a loop draws a progress bar: when asked and both output streams are terminals (Lightning's bars write
+    to stdout, tqdm's to stderr). In a log file (a SLURM log, a piped run) a bar is a stream of carriage-return lines;
+    the run logs a line at each stage's start and end, the bench one a minute."""
+    return enabled and sys.stdout.isatty() and sys.stderr.isatty()
+
 
 def hide_loading_bars() -> None:
     """Hugging Face's and diffusers' loading bars only in a terminal, not in a log file (a SLURM log). Called by the

@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 import shutil
 from pathlib import Path
@@ -32,8 +33,8 @@ from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks import preemption
 from uae_lightning.callbacks.preemption import Preempted, Preemption, save_last, slurm_job_id
 from uae_lightning.checkpointing import AtomicCheckpointIO, remove_partial
-from uae_lightning.cli import USER_ERRORS, fail
-from uae_lightning.config import ConfigError, configured, validate
+from uae_lightning.config import configured, validate
+from uae_lightning.errors import USER_ERRORS, ConfigError, fail
 from uae_lightning.pipeline import UAEPipeline, bench_settings
 from uae_lightning.slurm import check_allocation, slurm_nodes, slurm_tasks
 from uae_lightning.rewards.callback import RewardCallback
@@ -69,6 +70,7 @@ def build_strategy(cfg: DictConfig):
 def build_trainer(cfg: DictConfig, name: str, stage_dir: Path) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(_merged(cfg.trainer, cfg.stages[name].trainer))
     every = trainer_cfg.pop("checkpoint_every_n_steps")
+    trainer_cfg["enable_progress_bar"] = quiet.progress_bars(trainer_cfg["enable_progress_bar"])
     # What every stage needs: the reward backbones, last.ckpt, the preemption safe points (callbacks/preemption.py:
     # the one owner of checkpoint-and-requeue). Then the configured ones (conf/callbacks/, conf/logger/).
     callbacks = [RewardCallback(cfg.reward.backbones, cfg.backbone_sources)]
@@ -209,7 +211,7 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
                    **{f"{k}_gain_se": se for k, (_, se, _) in paired_gains(before, after).items()}}
     weights = stage_dir / "weights.safetensors"
     with phase(module, "save weights"):
-        module.save_weights(weights)  # every rank (a sharded model is gathered first); rank 0 writes
+        module.save_weights(weights, merged=cfg.merged_weights)  # every rank (a sharded model is gathered); rank 0 writes
     if trainer.is_global_zero:
         shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
         write_json(stage_dir / "heldout.json", {"key": key, "weights": weights.name, **after})
@@ -294,20 +296,40 @@ def reusable_test(previous: dict | None, init_from: str | None, key: dict | None
 
 def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
     """The folder Unified-Bench reads: `bench.images`, or the data's held-out split (its first `bench.max_images`)
-    written once (by rank 0) as PNGs at the bench resolution."""
+    written once (by rank 0) as PNGs at the bench resolution. Called for every stage's bench resolution before any
+    stage trains (check_heldout), so a held-out split without a usable image stops the run before training."""
     if cfg.bench.images:
         return Path(cfg.bench.images)
     folder = folder / str(resolution)
     marker = folder / "complete"
-    if not marker.exists() and rank_zero_only.rank == 0:
-        datamodule = instantiate(cfg.data, resolution=resolution, _convert_="all")
-        datamodule.setup("test")
-        for i in range(min(len(datamodule.val_set), cfg.bench.max_images or len(datamodule.val_set))):
-            item = datamodule.val_set[i]
-            if "image" in item:  # unreadable held-out files are counted by the stages, not benchmarked
-                save_png(item["image"].float() / 255.0, folder / f"{i:05d}.png")
+    if marker.exists():
+        return folder
+    datamodule = instantiate(cfg.data, resolution=resolution, _convert_="all")
+    datamodule.setup("test")
+    n = min(len(datamodule.val_set), cfg.bench.max_images or len(datamodule.val_set))
+    skipped = Counter()
+    for i in range(n):  # every rank counts; rank 0 writes
+        item = datamodule.val_set[i]
+        if "image" not in item:  # unreadable held-out files are counted by the stages, not benchmarked
+            skipped[item.get("skip", "unusable")] += 1
+        elif rank_zero_only.rank == 0:
+            save_png(item["image"].float() / 255.0, folder / f"{i:05d}.png")
+    if skipped.total() == n:
+        source = f"data.val_manifest={cfg.data.val_manifest}" if cfg.data.get("val_manifest") else (
+            f"data.manifest={cfg.data.manifest} with data.val_fraction={cfg.data.val_fraction}"
+            if cfg.data.get("manifest") else f"data.source={cfg.data.source}")
+        raise ConfigError(f"the held-out split ({source}) has no usable image among its first {n} ({dict(skipped)}): "
+                          "the held-out test and Unified-Bench need some; fix those files or choose another split")
+    if rank_zero_only.rank == 0:
         marker.touch()
     return folder
+
+
+def check_heldout(cfg: DictConfig, run_dir: Path) -> None:
+    """Before any stage trains: the held-out images every stage's Unified-Bench reads exist (reference_images)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for resolution in sorted({bench_settings(config, name)["resolution"] for name in cfg.run}):
+        reference_images(cfg, run_dir / "bench_images", resolution)
 
 
 def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
@@ -323,7 +345,7 @@ def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict
              settings["num_steps"], settings["guidance_scale"])
     images = reference_images(cfg, run_dir / "bench_images", settings["resolution"])
     barrier()  # ... and the reference images
-    return run_bench(pipe, images, out, progress=cfg.trainer.enable_progress_bar, fresh=True)
+    return run_bench(pipe, images, out, progress=quiet.progress_bars(cfg.trainer.enable_progress_bar), fresh=True)
 
 
 def strict_json(value):
@@ -416,6 +438,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     check_sources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
+        check_heldout(cfg, run_dir)
         summary = _run_stages(cfg, run_dir)
     release()  # every stage and bench is done on every rank
     return summary
@@ -451,7 +474,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     """The command line's run: the pipeline, with SLURM's preemption signal routed to a requeue and the errors a
-    user can cause and fix reported in one line (cli.fail)."""
+    user can cause and fix reported in one line (errors.fail)."""
     preemption.install()  # from here on SIGUSR1 stops the run at a safe point, never kills it
     try:
         run_pipeline(cfg, run_dir)

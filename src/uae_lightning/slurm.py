@@ -6,7 +6,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from uae_lightning.config import ConfigError
+from uae_lightning.errors import ConfigError
 
 
 def _count(devices, key: str = "trainer.devices") -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import torch
 
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     preemption.install()  # SIGUSR1 (SLURM's warning) stops the bench after a batch; re-running resumes
-    bar = sys.stderr.isatty()  # a progress bar in a terminal; in a log file, a line a minute (run_bench)
+    bar = quiet.progress_bars(True)  # a progress bar in a terminal; in a log file, a line a minute (run_bench)
     try:
         if args.command == "run":
             from uae_lightning.pipeline import load

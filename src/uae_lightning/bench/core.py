@@ -26,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from uae_lightning.callbacks import preemption
-from uae_lightning.bench.io import IMAGE_SUFFIXES, list_images, load_tensor, save_grid, save_png, to_uint8
+from uae_lightning.bench.io import IMAGE_SUFFIXES, list_images, load_tensor, png_names, save_grid, save_png, to_uint8
 from uae_lightning.distributed import barrier, process_group
 from uae_lightning.choices import PAPER_BACKBONES
+from uae_lightning.models.decoder import seed_for
 from uae_lightning.rewards.backbones import Similarity
 
 log = logging.getLogger("uae_lightning.bench")
@@ -164,14 +165,6 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def png_names(names: list[str]) -> dict[str, str]:
-    """Where each image's PNG goes: its name with the suffix .png, or its whole name + .png when two images differ
-    only by suffix (a.jpg, a.png), so that no output overwrites another."""
-    stems = Counter(str(Path(n).with_suffix("")) for n in names)
-    return {n: str(Path(n).with_suffix(".png")) if stems[str(Path(n).with_suffix(""))] == 1 else n + ".png"
-            for n in names}
-
-
 def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | None = None,
               batch_size: int | None = None, seed: int | None = None, num_steps: int | None = None,
               progress: bool = True, fresh: bool = False, max_images: int | None = None) -> dict:
@@ -185,8 +178,6 @@ def run_bench(pipe, images: str | Path, out: str | Path, backbones: list[str] | 
     rank r redraws every world-th image still to do and appends its rows to its own file; rank 0 merges them and
     writes the summary, which every rank returns. Each image's noise comes from its name, so the scores are those of
     a 1-process run."""
-    from uae_lightning.pipeline import seed_for
-
     root, out = Path(images), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     own = getattr(pipe, "bench", {}) or {}

@@ -1,6 +1,7 @@
 """Image files for Unified-Bench and the pipeline command line: listing, loading to tensors, saving PNGs."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,11 @@ def save_grid(rows: list[dict], path: str | Path, cell_px: int = 160) -> None:
     fig.savefig(tmp, format="png", dpi=dpi, metadata={"Description": description})
     plt.close(fig)
     tmp.replace(path)
+
+
+def png_names(names: list[str]) -> dict[str, str]:
+    """Where each image's PNG goes: its name with the suffix .png, or its whole name + .png when two images differ
+    only by suffix (a.jpg, a.png), so that no output overwrites another."""
+    stems = Counter(str(Path(n).with_suffix("")) for n in names)
+    return {n: str(Path(n).with_suffix(".png")) if stems[str(Path(n).with_suffix(""))] == 1 else n + ".png"
+            for n in names}

@@ -151,8 +151,8 @@ def _pooled(cfg: dict, dim: int) -> torch.Tensor:
     if spec == "sd3_empty_prompt":
         return empty_prompt_pooled(cfg["pretrained"])
     path = Path(spec)
-    if (path / "config.json").is_file():  # an export's decoder/pooled (decoder_pipeline.PooledProjection)
-        from uae_lightning.decoder_pipeline import PooledProjection
+    if (path / "config.json").is_file():  # an export's decoder/pooled (models/pooled.PooledProjection)
+        from uae_lightning.models.pooled import PooledProjection
 
         vec = PooledProjection.from_pretrained(path).vector
     elif path.is_file():
@@ -263,8 +263,14 @@ def build_connector(cfg: dict, encoder: Encoder, decoder: Decoder, empty: bool =
 
 def build_autoencoder(cfg: dict, resolution: int, empty: bool = False) -> tuple[Encoder, Connector, Decoder]:
     """The three models of a `model:` config (random init unless `pretrained` paths are set). `empty`: without
-    weights (parameters on the meta device), for a rank that receives them from rank 0 (models/fsdp.py)."""
+    weights (parameters on the meta device), for a rank that receives them from rank 0 (models/fsdp.py).
+
+    A random init is drawn from `model.seed` alone, independent of everything seeded before: every build of a config
+    is the same model, so a stage output that holds only what its stage trained (models/weights.py) loads onto the
+    same untrained weights the stage started from."""
     padding = cfg["condition_padding"]
-    encoder = build_encoder(cfg["encoder"], resolution, padding, empty)
-    decoder = build_decoder(cfg["decoder"], resolution, padding, empty)
-    return encoder, build_connector(cfg["connector"], encoder, decoder, empty), decoder
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        encoder = build_encoder(cfg["encoder"], resolution, padding, empty)
+        decoder = build_decoder(cfg["decoder"], resolution, padding, empty)
+        return encoder, build_connector(cfg["connector"], encoder, decoder, empty), decoder

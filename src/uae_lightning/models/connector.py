@@ -3,7 +3,9 @@
 PAPER.md "Architecture": at paper scale 2048 -> 8192 -> 4096, applied to every conditioning token.
 
 A diffusers model (ModelMixin + ConfigMixin): `save_pretrained` writes config.json + diffusion_pytorch_model.safetensors
-and `Connector.from_pretrained` reads them back, so the exported decoder pipeline loads it like its other parts.
+and `Connector.from_pretrained` reads them back, so the exported decoder pipeline loads it like its other parts. It
+imports only torch and diffusers: an export's decoder/connector/ folder ships it (connector.py), so diffusers loads
+the component where this package is not installed.
 """
 from __future__ import annotations
 

@@ -4,16 +4,71 @@ PAPER.md "Stage 1": z_t = (1 - t) z0 + t eps, target = eps - z0. The connector o
 embeddings; the pooled projection is a frozen vector (buffer `pooled`).
 With `vae=None` the decoder works in pixel space (z = 2x - 1): the toy world's documented choice, since a tiny
 random VAE cannot reconstruct anything.
+
+This file imports only torch and diffusers: an export's decoder/ folder ships it beside its pipeline.py, so the
+exported decoder loads where this package is not installed (pipeline.py, UAEPipeline.save_pretrained).
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
-from uae_lightning.models.attention import MaskedJointAttnProcessor
-from uae_lightning.models.flow import euler_step
+
+def seed_for(key: str, seed: int) -> int:
+    """A per-item seed from a name (an image's file name, a prompt): its noise never depends on which batch or rank it
+    lands in, so a sharded or resumed evaluation draws what one uninterrupted process draws."""
+    return (zlib.crc32(key.encode()) + seed * 1_000_003) % (2**63)
+
+
+def euler_step(z: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One step of the flow ODE dz/dsigma = v from sigma to sigma_next (< sigma): z + (sigma_next - sigma) v. The
+    sampler's step, and U4G's on the rollout steps it does not explore."""
+    return z + (sigma_next - sigma) * v
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+class MaskedJointAttnProcessor:
+    """SD3 joint attention with a key mask on the conditioning tokens. diffusers' JointAttnProcessor2_0 has no mask:
+    padded conditioning tokens are attended, so a caption's image would depend on what else is in its batch. This
+    processor drops padded keys; it is installed with the public `set_attn_processor` and receives the mask through
+    `joint_attention_kwargs={"attention_mask": mask}`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual_len = hidden_states.shape[1]
+        b = hidden_states.shape[0]
+        q, k, v = (_heads(p(hidden_states), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        key_mask = None
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (_heads(p(encoder_hidden_states), attn.heads) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            if attention_mask is not None:
+                image_keys = torch.ones(b, residual_len, dtype=torch.bool, device=q.device)
+                key_mask = torch.cat([image_keys, attention_mask.to(q.device, torch.bool)], 1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, ctx = out[:, :residual_len], out[:, residual_len:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](out)), ctx
 
 
 class Decoder(nn.Module):

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from uae_lightning.choices import CONDITIONING_MODES, PADDING_MODES, PROMPT_POSITIONS
+from uae_lightning.models.conditioning import condition, generate_message
 from uae_lightning.models.fsdp import gathered
 
 
@@ -162,12 +163,8 @@ class Encoder(nn.Module):
 
     # ---- conditioning: text -> decoder input ---------------------------------------------------------------------
     def generate_message(self, text: str) -> str:
-        """The text-only conditioning message (role `generate_role`), rendered; with `generation_prompt` it ends with
-        the opened assistant turn, as the official UAE inference renders it (add_generation_prompt=True)."""
-        return self.processor.apply_chat_template(
-            [{"role": self.generate_role, "content": [{"type": "text", "text": text}]}], tokenize=False,
-            add_generation_prompt=self.generation_prompt,
-        )
+        """The text-only conditioning message, rendered (models/conditioning.py)."""
+        return generate_message(self.processor, text, self.generate_role, self.generation_prompt)
 
     def condition(self, texts: list[str], images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states for the decoder and their mask ([B,L,H], [B,L] bool).
@@ -180,23 +177,9 @@ class Encoder(nn.Module):
             if images is None:
                 raise ValueError("model.encoder.conditioning='in_context' needs the source images")
             return self._condition_in_context(texts, images)
-        tok = self.tokenizer
-        prompts = [self.generate_message(t) for t in texts]
-        pad_to_max = self.condition_padding == "pad"
-        enc = tok(
-            prompts,
-            return_tensors="pt",
-            padding="max_length" if pad_to_max else "longest",
-            truncation=True,
-            max_length=self.max_condition_tokens,
-            padding_side="right",
-        ).to(self.model.device)
         with gathered(self.model):  # the inner model is called directly: its root parameters must be gathered
-            hidden = self.model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        mask = enc.attention_mask.bool()
-        if pad_to_max:  # the official release lets the decoder attend the pad tokens
-            mask = torch.ones_like(mask)
-        return hidden, mask
+            return condition(self.model, self.processor, texts, self.generate_role, self.generation_prompt,
+                             self.condition_padding, self.max_condition_tokens)
 
     def _condition_in_context(self, texts: list[str], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.caption_inputs(images)

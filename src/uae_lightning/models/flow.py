@@ -41,8 +41,3 @@ def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, noise: torch.Tens
     w = compute_loss_weighting_for_sd3(scheme, t).view(-1, *([1] * (z0.dim() - 1)))
     return (w * (v_pred.float() - (noise - z0).float()) ** 2).mean()
 
-
-def euler_step(z: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """One step of the flow ODE dz/dsigma = v from sigma to sigma_next (< sigma): z + (sigma_next - sigma) v. The
-    held-out sampler's step, and U4G's on the rollout steps it does not explore."""
-    return z + (sigma_next - sigma) * v

@@ -61,8 +61,12 @@ def merged(sd: dict[str, torch.Tensor], cfg: dict | None) -> dict[str, torch.Ten
     if layers and cfg is None:
         raise ValueError("the state dict holds LoRA weights but no adapter config was given to merge them")
     for layer in layers:
-        a, b = sd[f"{layer}{suffix}"], sd[f"{layer}.lora_B.{ADAPTER}.weight"]
-        w = out[f"{layer}.weight"]
-        delta = (b.float() @ a.float()) * (cfg["alpha"] / cfg["r"])
-        out[f"{layer}.weight"] = (w.float() + delta).to(w.dtype)
+        out[f"{layer}.weight"] = merge_lora(out[f"{layer}.weight"], sd[f"{layer}{suffix}"],
+                                            sd[f"{layer}.lora_B.{ADAPTER}.weight"], cfg)
     return out
+
+
+def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """W + (alpha / r) B A, summed in float32 and returned in W's dtype: one adapted layer's merged weight (a saved
+    complete file and a loaded chain of stage outputs both merge with this)."""
+    return (w.float() + (b.float() @ a.float()) * (cfg["alpha"] / cfg["r"])).to(w.dtype)

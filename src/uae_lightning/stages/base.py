@@ -22,7 +22,7 @@ from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.lora import add_lora
 from uae_lightning.models.fsdp import (fill_from_rank0, full_state_dict, is_sharded, mixed_precision_policy,
                                       shard_autoencoder)
-from uae_lightning.models.weights import encoder_adapter_config, load_weights, save_weights
+from uae_lightning.models.weights import encoder_adapter_config, load_weights, root_identity, save_weights, tied_keys
 from uae_lightning.pipeline import redraw
 from uae_lightning.rewards.callback import RewardCallback
 
@@ -94,9 +94,7 @@ class UAEStage(L.LightningModule):
         empty = broadcast and self.global_rank != 0
         if empty:
             log.info("rank %d: building the models without weights; rank 0 sends each rank its shards", self.global_rank)
-        with torch.random.fork_rng(devices=[]):  # random init independent of everything seeded before it
-            torch.manual_seed(self.model_cfg["seed"])
-            self.encoder, self.connector, self.decoder = build_autoencoder(self.model_cfg, self.resolution, empty)
+        self.encoder, self.connector, self.decoder = build_autoencoder(self.model_cfg, self.resolution, empty)
         if self.init_from:
             if empty:  # the adapter's structure only; its weights come with the others
                 self.encoder_lora = encoder_adapter_config(self.init_from)
@@ -150,20 +148,23 @@ class UAEStage(L.LightningModule):
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
 
-    def save_weights(self, path: str | Path) -> None:
-        """The stage's result, what the next stage (or an export) starts from (format: models/weights.py). Every
-        rank must call it: sharded (FSDP) models are first gathered into full state dicts on CPU (a collective);
-        rank 0 merges the adapters into them and writes."""
+    def save_weights(self, path: str | Path, merged: bool = False) -> None:
+        """The stage's result, what the next stage (or an export) starts from (format: models/weights.py): what this
+        stage trained, on top of the weights it started from (`init_from`, or the models as configured); with `merged`,
+        every weight with the adapters merged. Every rank must call it: sharded (FSDP) models are first gathered into
+        full state dicts on CPU (a collective); rank 0 writes."""
         models = {"encoder": self.encoder, "connector": self.connector, "decoder": self.decoder}
         if any(is_sharded(m) for m in models.values()):
             states = {name: full_state_dict(m) for name, m in models.items()}
         else:
             states = {name: m.state_dict() for name, m in models.items()}
         if self.global_rank == 0:
-            save_weights(path, states, self.adapters, self.encoder_lora)
+            save_weights(path, states, self.adapters, self.encoder_lora,
+                         trained=None if merged else self.trainable_keys(), base=self.init_from,
+                         root=root_identity(self.model_cfg), tied=tied_keys(models))
 
     def load_weights(self, path: str | Path) -> None:
-        self.encoder_lora = load_weights(path, self.encoder, self.connector, self.decoder)
+        self.encoder_lora = load_weights(path, self.encoder, self.connector, self.decoder, self.model_cfg)
         if self.encoder_lora is not None:
             self.adapters["encoder"] = dict(self.encoder_lora)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from uae_lightning.models.flow import euler_step
+from uae_lightning.models.decoder import euler_step
 from uae_lightning.models.lora import set_adapters_enabled
 from uae_lightning.choices import CONVENTIONS
 from uae_lightning.rl.flow_grpo import cps_step, nonzero_advantage, sde_step, step_kl

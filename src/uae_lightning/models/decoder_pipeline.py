@@ -1,12 +1,16 @@
 """The decoder half of a trained auto-encoder as a diffusers pipeline: caption text -> image.
 
-An export's `decoder/` folder (written by `UAEPipeline.save_pretrained`) is this pipeline's `save_pretrained`
-layout — model_index.json plus one folder per component — and loads with diffusers' own entry point:
+An export's `decoder/` folder (written by `UAEPipeline.save_pretrained`) is this pipeline's `save_pretrained` layout
+— model_index.json plus one folder per component — with the code it runs beside it, the way diffusers lays out
+remote-code components: this file as `pipeline.py`, the two files it imports (`decoder.py`, `conditioning.py`) next to
+it, and each custom component's class in its own folder (`connector/connector.py`, `pooled/pooled.py`). It loads with
+diffusers' own entry point in a process that never imports uae_lightning, or where it is not installed:
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("export/decoder", custom_pipeline="export/decoder", trust_remote_code=True)
     images = pipe(["a red circle top left"], seeds=[0]).images          # PIL images
-    # or, with this package imported: UAEDecoderPipeline.from_pretrained("export/decoder")
+
+so this file, like the ones it imports, uses only torch, transformers and diffusers, and relative imports.
 
 Components: `text_encoder` (Qwen2.5-VL, base weights) and `processor` condition the DiT the way training did (a
 text-only "generate" message; its hidden states), `connector` maps them to the DiT's width, `pooled` is the DiT's
@@ -19,44 +23,29 @@ The stock `StableDiffusion3Pipeline` also runs on the exported parts given our e
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline, ModelMixin
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from uae_lightning.models.decoder import Decoder
-from uae_lightning.models.encoder import Encoder
-
-
-class PooledProjection(ModelMixin, ConfigMixin):
-    """The DiT's pooled-projection input, a fixed vector (SD3.5's CLIP pooled embedding of the empty prompt, or
-    zeros in the toy), as a component that saves and loads itself."""
-
-    @register_to_config
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("vector", torch.zeros(dim), persistent=True)
+from .conditioning import condition
+from .decoder import Decoder
 
 
 class UAEDecoderPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->connector->transformer->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, text_encoder, processor, connector, pooled: PooledProjection, transformer, scheduler, vae=None,
-                 prompt: str = "describe this image", generate_role: str = "generate",
-                 prompt_position: str = "after_image", generation_prompt: bool = False, max_condition_tokens: int = 512,
+    def __init__(self, text_encoder, processor, connector, pooled, transformer, scheduler, vae=None,
+                 generate_role: str = "generate", generation_prompt: bool = False, max_condition_tokens: int = 512,
                  condition_padding: str = "mask", resolution: int = 1024, num_steps: int = 28,
                  guidance_scale: float = 1.0, negative_prompt: str = ""):
         super().__init__()
         self.register_modules(text_encoder=text_encoder, processor=processor, connector=connector, pooled=pooled,
                               transformer=transformer, scheduler=scheduler, vae=vae)
-        self.register_to_config(prompt=prompt, generate_role=generate_role, prompt_position=prompt_position,
-                                generation_prompt=generation_prompt, max_condition_tokens=max_condition_tokens,
-                                condition_padding=condition_padding, resolution=resolution, num_steps=num_steps,
-                                guidance_scale=guidance_scale, negative_prompt=negative_prompt)
-        # The training-time wrappers around the same modules (no copies): the conditioning message and the sampler.
-        self._encoder = Encoder(text_encoder, processor, prompt=prompt, generate_role=generate_role,
-                                condition_padding=condition_padding, max_condition_tokens=max_condition_tokens,
-                                prompt_position=prompt_position, generation_prompt=generation_prompt)
+        self.register_to_config(generate_role=generate_role, generation_prompt=generation_prompt,
+                                max_condition_tokens=max_condition_tokens, condition_padding=condition_padding,
+                                resolution=resolution, num_steps=num_steps, guidance_scale=guidance_scale,
+                                negative_prompt=negative_prompt)
+        # The training-time sampler around the same modules (no copies).
         self._decoder = Decoder(transformer, scheduler, vae, pooled.vector, mask_condition=condition_padding == "mask")
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
@@ -66,7 +55,9 @@ class UAEDecoderPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The DiT's conditioning of each prompt: connector(hidden states of the generate message), and its mask."""
-        hidden, mask = self._encoder.condition(prompts)
+        c = self.config
+        hidden, mask = condition(self.text_encoder, self.processor, prompts, c.generate_role, c.generation_prompt,
+                                 c.condition_padding, c.max_condition_tokens)
         return self.connector(hidden), mask
 
     @torch.no_grad()
