@@ -61,6 +61,7 @@ def test_default_is_the_toy_pipeline():
         ("stages.u4g.module.convention=exact", "stages.u4g.module.convention"),
         ("stages.pretrain.module.sigma_sampling=shifted", "stages.pretrain.module.sigma_sampling"),
         ("stages.g4u.module.guidance_scale=0.5", "stages.g4u.module.guidance_scale"),
+        ("merged_weights=sometimes", "merged_weights"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):

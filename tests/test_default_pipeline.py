@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    out = subprocess.run([sys.executable, "-m", "uae_lightning", f"paths.runs_dir={runs}", "trainer.enable_progress_bar=false"],
-                         capture_output=True, text=True, timeout=1500)
+    # As a user runs it, piped to a file: the progress bars are on by default, and drawn only in a terminal.
+    out = subprocess.run([sys.executable, "-m", "uae_lightning", f"paths.runs_dir={runs}"], capture_output=True, text=True,
+                         timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
     return runs, out
 

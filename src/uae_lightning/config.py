@@ -61,6 +61,7 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(t.num_nodes, "trainer.num_nodes")
     _positive_int(t.checkpoint_every_n_steps, "trainer.checkpoint_every_n_steps")
     _positive_int(cfg.preemption.lead_s, "preemption.lead_s")
+    _check(isinstance(cfg.merged_weights, bool), "merged_weights", cfg.merged_weights, "true or false")
     configured(cfg.callbacks, "callbacks")
     configured(cfg.logger, "logger")
     _check(cfg.preemption.wait_s > 0, "preemption.wait_s", cfg.preemption.wait_s, "a number of seconds > 0")

@@ -119,6 +119,27 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+@torch.no_grad()
+def gathered_parameters(module: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """The parameters `names` of a module, whole, on CPU: a sharded parameter is gathered one at a time and kept by
+    rank 0 only (a collective: every rank calls it), so writing a LoRA stage's output gathers its adapter, not the
+    frozen models. Unsharded parameters are returned as they are."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in module.named_parameters():
+        if name not in names:
+            continue
+        if isinstance(p, DTensor):
+            full = p.full_tensor()
+            if torch.distributed.get_rank() == 0:
+                out[name] = full.cpu()
+            del full
+        else:
+            out[name] = p.detach()
+    return out
+
+
 class TrainableStateStrategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy whose sharded (distributed-checkpoint) resume reads only the parameters the
     stage trains: the stage's checkpoints hold no frozen weight (UAEStage.on_save_checkpoint), which Lightning's own

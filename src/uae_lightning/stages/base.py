@@ -20,8 +20,8 @@ import torch
 from uae_lightning.data import toy
 from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.lora import add_lora
-from uae_lightning.models.fsdp import (fill_from_rank0, full_state_dict, is_sharded, mixed_precision_policy,
-                                      shard_autoencoder)
+from uae_lightning.models.fsdp import (fill_from_rank0, full_state_dict, gathered_parameters, is_sharded,
+                                      mixed_precision_policy, shard_autoencoder)
 from uae_lightning.models.weights import encoder_adapter_config, load_weights, root_identity, save_weights, tied_keys
 from uae_lightning.pipeline import redraw
 from uae_lightning.rewards.callback import RewardCallback
@@ -154,13 +154,16 @@ class UAEStage(L.LightningModule):
         every weight with the adapters merged. Every rank must call it: sharded (FSDP) models are first gathered into
         full state dicts on CPU (a collective); rank 0 writes."""
         models = {"encoder": self.encoder, "connector": self.connector, "decoder": self.decoder}
-        if any(is_sharded(m) for m in models.values()):
+        trained = None if merged else self.trainable_keys()
+        if trained is not None:  # the trained parameters only (under FSDP2, only they are gathered)
+            states = {name: gathered_parameters(m, {k[len(name) + 1 :] for k in trained if k.startswith(name + ".")})
+                      for name, m in models.items()}
+        elif any(is_sharded(m) for m in models.values()):
             states = {name: full_state_dict(m) for name, m in models.items()}
         else:
             states = {name: m.state_dict() for name, m in models.items()}
         if self.global_rank == 0:
-            save_weights(path, states, self.adapters, self.encoder_lora,
-                         trained=None if merged else self.trainable_keys(), base=self.init_from,
+            save_weights(path, states, self.adapters, self.encoder_lora, trained=trained, base=self.init_from,
                          root=root_identity(self.model_cfg), tied=tied_keys(models))
 
     def load_weights(self, path: str | Path) -> None:
