@@ -60,7 +60,7 @@ def table(results: dict[int, dict]) -> str:
     from uae_lightning.toy_claims import CLAIMS
 
     seeds = sorted(results)
-    lines = ["| claim | value | margin | " + " | ".join(f"seed {s}" for s in seeds) + " | holds on |",
+    lines = ["| claim | measured as | margin | " + " | ".join(f"seed {s}" for s in seeds) + " | holds on |",
              "|---|---|---:|" + "---:|" * len(seeds) + "---:|"]
     for claim in CLAIMS:
         checks = [claim.check(results[s]["summary"]) for s in seeds]
