@@ -94,19 +94,21 @@ def test_a_moved_run_loads_and_a_missing_or_changed_link_is_named(toy_runs, tmp_
 
 
 def test_an_edited_file_fails_its_fingerprint_and_weights_are_as_readable_as_the_other_files(toy_runs, tmp_path):
+    """A copy of U4G's output with one tensor changed by 1e-3 and its metadata kept (its base is found where it was
+    written): loading it fails on its own fingerprint. The weights file has the mode of the run's other files."""
     path = toy_runs / "delta" / "u4g" / "weights.safetensors"
     umask = os.umask(0)
     os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask == (toy_runs / "delta" / "u4g" / "done.json").stat().st_mode & 0o777
+    done = toy_runs / "delta" / "u4g" / "done.json"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask == done.stat().st_mode & 0o777
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     key = sorted(tensors)[0]
     tensors[key] = tensors[key] + 1e-3
-    edited = tmp_path / "u4g" / "weights.safetensors"
-    edited.parent.mkdir()
-    base = json.loads(meta["base"])
-    save_file(tensors, str(edited), metadata={**meta, "base": json.dumps({**base, "path": str(path.parent.parent / "g4u" / "weights.safetensors")})})
+    edited = tmp_path / "weights.safetensors"
+    save_file(tensors, str(edited), metadata=meta)
     model = OmegaConf.to_container(compose_cfg().model, resolve=True)
+    assert loaded(path, model)  # the original loads
     with pytest.raises(ValueError, match="do not match the fingerprint"):
         loaded(edited, model)
 
