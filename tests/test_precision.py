@@ -3,7 +3,6 @@ fp32, so that small updates are not rounded away."""
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
