@@ -52,7 +52,35 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "callbacks.preview.every_n_steps=2",
     "callbacks.preview.num_images=2",
+    "bench.geneval.max_prompts=6",  # GenEval after every stage, one toy prompt per tag
+    "bench.geneval.samples=1",
 ]
+
+
+def random_toy_pipeline(folder, lora: dict | None = None, **kwargs):
+    """The toy config's models with random weights (seed 0) as a pipeline, saved through a stage-output file in
+    `folder`; with `lora`, the captioner gets that adapter with non-zero weights (so an export must carry it)."""
+    from omegaconf import OmegaConf
+
+    from uae_lightning.models.build import build_connector, build_decoder, build_encoder
+    from uae_lightning.models.lora import add_lora
+    from uae_lightning.models.weights import save_weights
+    from uae_lightning.pipeline import UAEPipeline
+
+    m = OmegaConf.to_container(compose_cfg().model, resolve=True)
+    torch.manual_seed(0)
+    enc, dec = build_encoder(m["encoder"], 32, "mask"), build_decoder(m["decoder"], 32, "mask")
+    conn = build_connector(m["connector"], enc, dec)
+    if lora is not None:
+        add_lora(enc.model, lora)
+        with torch.no_grad():
+            for n, p in enc.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    weights = folder / "weights.safetensors"
+    save_weights(weights, {"encoder": enc.state_dict(), "connector": conn.state_dict(), "decoder": dec.state_dict()},
+                 {"encoder": lora} if lora else {}, lora)
+    return UAEPipeline.from_weights(weights, m, 32, **kwargs)
 
 
 def save_tiny_clip(path):

@@ -11,16 +11,12 @@ import numpy as np
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import compose_cfg, save_tiny_clip
+from conftest import random_toy_pipeline, save_tiny_clip
 from uae_lightning.bench import run_bench, score_folders
 from uae_lightning.bench.__main__ import main as bench_main
 from uae_lightning.bench.io import save_png, to_uint8
 from uae_lightning.data import toy
-from uae_lightning.models.build import build_connector, build_decoder, build_encoder
-from uae_lightning.models.lora import add_lora
-from uae_lightning.models.weights import save_weights
 from uae_lightning.pipeline import UAEPipeline, main as pipeline_main
 
 TOY_BACKBONES = ["toy_pixels", "toy_regions", "toy_palette"]
@@ -42,19 +38,7 @@ def references(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     """Random toy models whose captioner has a non-zero LoRA adapter (so the export must carry it)."""
-    m = OmegaConf.to_container(compose_cfg().model, resolve=True)
-    torch.manual_seed(0)
-    enc, dec = build_encoder(m["encoder"], 32, "mask"), build_decoder(m["decoder"], 32, "mask")
-    conn = build_connector(m["connector"], enc, dec)
-    add_lora(enc.model, LORA)
-    with torch.no_grad():
-        for n, p in enc.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    weights = tmp_path_factory.mktemp("w") / "weights.safetensors"
-    save_weights(weights, {"encoder": enc.state_dict(), "connector": conn.state_dict(), "decoder": dec.state_dict()},
-                 {"encoder": LORA}, LORA)
-    return UAEPipeline.from_weights(weights, m, 32, num_steps=4, max_new_tokens=12)
+    return random_toy_pipeline(tmp_path_factory.mktemp("w"), LORA, num_steps=4, max_new_tokens=12)
 
 
 def test_identical_pairs_score_100_with_a_backbone_loaded_from_a_folder(references, tmp_path):

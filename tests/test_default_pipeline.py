@@ -107,6 +107,29 @@ def test_unified_bench_after_every_stage_and_rl_beats_pretraining(summary):
     holds(summary, "Unified-Bench after U4G")
 
 
+def test_toy_geneval_after_every_stage_follows_the_decoder(default_run, summary):
+    """The toy's GenEval (48 prompts x 4 images, scored by the toy world's exact reading) after every stage: in
+    summary.json, each stage's folder (official layout and result keys) and TensorBoard. The captioner and G4U leave
+    the decoder as it was, so they repeat the score of the stage before them to the last image."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs, out = default_run
+    run = runs / "toy" / "default"
+    scores = summary["geneval"]
+    assert set(scores) == {"pretrain", "captioner", "cold_start", "g4u", "u4g"}
+    assert all(0 <= v <= 1 for v in scores.values())
+    assert scores["captioner"] == scores["pretrain"] and scores["g4u"] == scores["cold_start"]
+    for stage in scores:
+        s = json.loads((run / stage / "geneval" / "summary.json").read_text())
+        assert s["images"] == 192 and s["prompts"] == 48 and s["overall"] == scores[stage]
+        ea = EventAccumulator(str(run / stage / "tensorboard"), size_guidance={"scalars": 0})
+        ea.Reload()
+        assert [e.value for e in ea.Scalars("geneval/overall")] == [pytest.approx(scores[stage])]
+    a = (run / "cold_start" / "geneval" / "00005" / "samples" / "0002.png").read_bytes()
+    assert a == (run / "g4u" / "geneval" / "00005" / "samples" / "0002.png").read_bytes()
+    assert "u4g  geneval" in out.stdout  # the closing table
+
+
 def holds(summary: dict, name: str) -> None:
     """One of the default run's claims (uae_lightning.toy_claims: the margins benchmarks/seeds.py tabulates)."""
     from uae_lightning.toy_claims import CLAIMS

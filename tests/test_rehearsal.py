@@ -49,6 +49,8 @@ def stage_overrides(paths: dict) -> dict[str, list[str]]:
               f"backbone_sources.dinov2={paths['facebook/dinov2-large']}",
               f"backbone_sources.dinov3={paths['facebook/dinov3-vitl16-pretrain-lvd1689m']}",
               f"backbone_sources.longclip={paths['BeichenZhang/LongCLIP-L']}",
+              f"bench.geneval.detector={paths['facebook/mask2former-swin-small-coco-instance']}",
+              "bench.geneval.max_prompts=6", "bench.geneval.samples=2",
               "data.resolution=64", "bench.resolution=64", "data.val_fraction=0.2", "data.batch_size=2",
               "data.eval_batch_size=4", "data.num_workers=0", "bench.batch_size=4", "bench.num_steps=2",
               "bench.max_new_tokens=8", "trainer.enable_progress_bar=false"]
@@ -203,6 +205,18 @@ def check_rehearsal(tmp_path: Path) -> None:
         [run] = [p.parent.parent for p in runs.glob(f"{stage}/*/{stage}/done.json")]
         summary = json.loads((run / "summary.json").read_text())
         assert summary["unified_bench"][stage] is not None
+        # GenEval after the stages that change the decoder (the paper presets' bench.geneval.stages): a subset of
+        # the official prompts, one per tag, drawn at the bench's settings and scored by Mask2Former + CLIP.
+        if stage == "g4u":
+            assert "geneval" not in summary or stage not in summary["geneval"]
+            continue
+        assert 0 <= summary["geneval"][stage] <= 1
+        scored = json.loads((run / stage / "geneval" / "summary.json").read_text())
+        assert scored["subset"] and scored["images"] == 12 and set(scored["tags"]) == {
+            "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+        assert scored["generation"]["resolution"] == 64 and scored["generation"]["num_steps"] == 2
+        line = json.loads((run / stage / "geneval" / "results.jsonl").read_text().splitlines()[0])
+        assert list(line) == ["filename", "tag", "prompt", "correct", "reason", "metadata", "details"]
     # The chain (four files, each on top of the one before) loads into the weights a complete file holds.
     ours = UAEPipeline.from_run(run)
     complete = tmp_path / "complete.safetensors"

@@ -14,7 +14,7 @@ SIGMA_SAMPLINGS = ("scheduler", "density")
 CONVENTIONS = ("flow_grpo", "gaussian")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
-TOY_BACKBONES = ("toy_pixels", "toy_regions", "toy_palette")
+TOY_BACKBONES = ("toy_pixels", "toy_regions", "toy_palette", "toy_objects")
 # The paper's Unified-Bench backbones: short name -> hub id. Config `backbone_sources` (conf/config.yaml) says where
 # each short name loads from (a hub id or a local path).
 PAPER_BACKBONES = {

@@ -1,6 +1,8 @@
 """Checks on the composed config that run before any model is built; each error names the key and what is allowed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 # choices.py only: the command line validates a config before torch and the model libraries are imported.
@@ -79,6 +81,23 @@ def validate(cfg: DictConfig) -> None:
     _check(len(b.backbones) > 0, "bench.backbones", list(b.backbones), "at least one backbone")
     for name in b.backbones:
         _check_backbone(name, "bench.backbones")
+    g = b.get("geneval")
+    if g is not None and g.stages:
+        if g.stages != "all":
+            stages = list(g.stages) if OmegaConf.is_list(g.stages) else [g.stages]
+            for s in stages:
+                _one_of(s, list(cfg.stages), "bench.geneval.stages")
+        _positive_int(g.samples, "bench.geneval.samples")
+        if g.get("max_prompts") is not None:
+            _positive_int(g.max_prompts, "bench.geneval.max_prompts")
+        _check(isinstance(g.seed, int), "bench.geneval.seed", g.seed, "an integer")
+        if g.prompts not in ("toy", "official") and not Path(str(g.prompts)).is_file():
+            raise ConfigError(f"bench.geneval.prompts={g.prompts!r}: expected toy, official or a JSONL file of "
+                              f"prompts in GenEval's format")
+        _check(g.prompts != "toy" or g.detector == "toy", "bench.geneval.detector", g.detector,
+               "toy for the toy prompts (they name toy shapes, not COCO classes)")
+        _check(g.prompts != "official" or g.detector != "toy", "bench.geneval.detector", g.detector,
+               "a COCO detector for the official prompts (the toy world has no COCO objects)")
     m = cfg.model
     _one_of(m.condition_padding, PADDING_MODES, "model.condition_padding")
     _one_of(m.encoder.conditioning, CONDITIONING_MODES, "model.encoder.conditioning")

@@ -147,8 +147,9 @@ class UAEPipeline(nn.Module):
         summary = {"stages": {s: json.loads((run_dir / s / "done.json").read_text())["metrics"] for s in chain
                               if (run_dir / s / "done.json").is_file()}}
         if (run_dir / "summary.json").is_file():
-            summary["unified_bench"] = {k: v for k, v in json.loads((run_dir / "summary.json").read_text())
-                                        .get("unified_bench", {}).items() if k in chain}
+            saved = json.loads((run_dir / "summary.json").read_text())
+            for key in ("unified_bench", "geneval"):
+                summary[key] = {k: v for k, v in saved.get(key, {}).items() if k in chain}
         if cfg.get("init_from"):
             summary["init_from"] = str(cfg.init_from)
         return cls.from_weights(run_dir / stage / "weights.safetensors", model_cfg, settings["resolution"],
@@ -317,6 +318,9 @@ def model_card(meta: dict, adapter: bool, summary: dict | None) -> str:
             score = (summary.get("unified_bench") or {}).get(stage)
             if score is not None:
                 lines.append(f"| {stage} | Unified-Bench overall | {score:.2f} |")
+            score = (summary.get("geneval") or {}).get(stage)
+            if score is not None:
+                lines.append(f"| {stage} | GenEval overall (mean over tags) | {score:.4f} |")
     else:
         lines.append("Not recorded (this export was not written from a run directory).")
     lines += ["", "## Inference settings", "",

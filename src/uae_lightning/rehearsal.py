@@ -14,6 +14,8 @@ presets without a download (tests/test_rehearsal.py runs the README's paper-scal
     dinov3-vitl16-pretrain-lvd1689m/      DINOv3ViTModel + DINOv3ViTImageProcessor (resize to 224 x 224)
     LongCLIP-L/longclip-L.pt              a raw PyTorch state dict in OpenAI-CLIP key layout, 248 text positions, no
                                           config.json (as the hub repository holds it)
+    mask2former-swin-small-coco-instance/ Mask2FormerForUniversalSegmentation (Swin backbone, COCO's 80 classes,
+                                          100 queries) + Mask2FormerImageProcessor: GenEval's detector
     data/train.jsonl, data/images/        a manifest of toy-world images with their long captions
 
 Only sizes differ from the real checkpoints (widths, depths, vocabulary fillers); names, ids, file layouts, dtypes and
@@ -59,6 +61,7 @@ LAYOUT = {
     "facebook/dinov2-large": "dinov2-large",
     "facebook/dinov3-vitl16-pretrain-lvd1689m": "dinov3-vitl16-pretrain-lvd1689m",
     "BeichenZhang/LongCLIP-L": "LongCLIP-L",
+    "facebook/mask2former-swin-small-coco-instance": "mask2former-swin-small-coco-instance",
 }
 
 
@@ -226,6 +229,29 @@ def save_dinov3(path: Path, width: int = 64) -> Path:
     return path
 
 
+def save_mask2former(path: Path, width: int = 16, queries: int = 100, boost: int | None = None) -> Path:
+    """GenEval's detector: Mask2Former with a Swin backbone for COCO instance segmentation (80 classes, the label
+    order of GenEval's object_names.txt). `boost`: a class whose logit is raised by 12, so that a random model
+    detects it above GenEval's thresholds (for tests)."""
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+
+    torch.manual_seed(5)
+    backbone = SwinConfig(image_size=384, patch_size=4, embed_dim=width, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                          window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=80, num_queries=queries, hidden_dim=2 * width,
+                               mask_feature_size=2 * width, feature_size=2 * width, encoder_layers=1, decoder_layers=2,
+                               num_attention_heads=2, dim_feedforward=4 * width, encoder_feedforward_dim=4 * width)
+    model = Mask2FormerForUniversalSegmentation(config)
+    if boost is not None:
+        with torch.no_grad():
+            model.class_predictor.bias[boost] += 12.0
+    model.save_pretrained(path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32, num_labels=80,
+                              ignore_index=255, reduce_labels=True).save_pretrained(path)
+    return path
+
+
 def openai_clip_state_dict(width: int = 64, layers: int = 2, text_width: int = 64, embed: int = 32,
                            text_positions: int = 248, seed: int = 4) -> dict[str, torch.Tensor]:
     """A random CLIP ViT-L/14-shaped state dict in OpenAI's key layout, as LongCLIP saves it (248 text positions
@@ -288,7 +314,8 @@ def write_fixture(root: str | Path) -> dict[str, Path]:
     root = Path(root)
     writers = {"Qwen/Qwen2.5-VL-3B-Instruct": save_qwen2_5_vl, "stabilityai/stable-diffusion-3.5-large": save_sd35_large,
                "openai/clip-vit-large-patch14": save_clip, "facebook/dinov2-large": save_dinov2,
-               "facebook/dinov3-vitl16-pretrain-lvd1689m": save_dinov3, "BeichenZhang/LongCLIP-L": save_longclip}
+               "facebook/dinov3-vitl16-pretrain-lvd1689m": save_dinov3, "BeichenZhang/LongCLIP-L": save_longclip,
+               "facebook/mask2former-swin-small-coco-instance": save_mask2former}
     paths = {name: write(root / LAYOUT[name]) for name, write in writers.items()}
     paths["manifest"] = save_manifest(root / "data")
     return paths

@@ -213,7 +213,8 @@ def run_stage(cfg: DictConfig, name: str, index: int, stage_dir: Path, init_from
     with phase(module, "save weights"):
         module.save_weights(weights, merged=cfg.merged_weights)  # every rank (a sharded model is gathered); rank 0 writes
     if trainer.is_global_zero:
-        shutil.rmtree(stage_dir / "unified_bench", ignore_errors=True)  # scores of older weights of this stage
+        for old in ("unified_bench", "geneval"):  # scores of older weights of this stage
+            shutil.rmtree(stage_dir / old, ignore_errors=True)
         write_json(stage_dir / "heldout.json", {"key": key, "weights": weights.name, **after})
         result = {"metrics": metrics, "weights": weights.name, "settings": settings, "global_step": trainer.global_step,
                   "data": dict(module.data_counts), "timings": stage_timings(module)}
@@ -247,7 +248,7 @@ def stage_timings(module) -> dict[str, float]:
 
 
 TIMING_COLUMNS = ["build", "starting-point test", "train steps", "rollouts", "updates", "evaluations in training",
-                  "training, other", "final test", "save weights", "Unified-Bench"]
+                  "training, other", "final test", "save weights", "Unified-Bench", "GenEval"]
 
 
 def timing_table(timings: dict[str, dict[str, float]]) -> str:
@@ -348,6 +349,60 @@ def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict
     return run_bench(pipe, images, out, progress=quiet.progress_bars(cfg.trainer.enable_progress_bar), fresh=True)
 
 
+def geneval_stages(cfg: DictConfig) -> list[str]:
+    """The stages of this run after which GenEval is scored (`bench.geneval.stages`: all, a list, or [])."""
+    g = cfg.bench.get("geneval")
+    if g is None or not g.stages:
+        return []
+    return list(cfg.run) if g.stages == "all" else [s for s in cfg.run if s in list(g.stages)]
+
+
+def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
+    """GenEval of a finished stage's weights with the bench's sampling settings: every rank draws its share of the
+    prompts (resuming), rank 0 scores them into <stage>/geneval/ and logs the scores to TensorBoard; returns the
+    summary on every rank."""
+    from uae_lightning.bench import geneval
+    from uae_lightning.bench.detectors import build_scorer
+
+    g = cfg.bench.geneval
+    out = run_dir / name / "geneval"
+    settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), name)
+    pipe = UAEPipeline.from_bench_settings(weights, OmegaConf.to_container(cfg.model, resolve=True), settings)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    pipe.to(device)
+    prompts = geneval.read_prompts(g.prompts)
+    indices = geneval.subset(prompts, g.max_prompts)
+    log.info("stage %s: GenEval, %d prompts (%s%s) x %d images", name, len(indices), g.prompts,
+             "" if len(indices) == len(prompts) else f", a subset of {len(prompts)}", g.samples)
+    if rank_zero_only.rank == 0 and (out / geneval.GENERATION).is_file():
+        made = json.loads((out / geneval.GENERATION).read_text())
+        if made != geneval.generation_settings(pipe, len(prompts), g.samples, g.seed, None, str(g.prompts), indices):
+            log.info("stage %s: GenEval settings changed; drawing its images again", name)
+            shutil.rmtree(out)
+    barrier()
+    geneval.generate(pipe, prompts, out, g.samples, settings["batch_size"], g.seed, progress=False,
+                     prompt_source=str(g.prompts), indices=indices)
+    del pipe
+    barrier()  # every image is on disk
+    summary = None
+    if rank_zero_only.rank == 0:
+        scorer = build_scorer(g.detector, cfg.backbone_sources.get("clip"), device)
+        summary = geneval.score(out, scorer, progress=quiet.progress_bars(cfg.trainer.enable_progress_bar))
+        summary["subset"] = len(indices) < len(prompts)
+        geneval.atomic_write(out / geneval.SUMMARY, json.dumps(summary, indent=2))
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run_dir / name / "tensorboard")) as writer:
+            writer.add_scalar("geneval/overall", summary["overall"], 0)
+            for tag, value in summary["tags"].items():
+                writer.add_scalar(f"geneval/{tag}", value, 0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [summary]
+        torch.distributed.broadcast_object_list(box, src=0)
+        summary = box[0]
+    return summary
+
+
 def strict_json(value):
     """`value` with every non-finite float replaced by None: summary.json stays valid JSON (no bare NaN)."""
     if isinstance(value, dict):
@@ -360,6 +415,7 @@ def strict_json(value):
 def format_table(summary: dict) -> str:
     rows = [(stage, k, v) for stage, metrics in summary["stages"].items() for k, v in metrics.items()]
     rows += [(stage, "unified_bench", v) for stage, v in summary["unified_bench"].items()]
+    rows += [(stage, "geneval", v) for stage, v in summary.get("geneval", {}).items()]
     width = max([len(f"{s}  {k}") for s, k, _ in rows] + [10])
     lines = [f"{'stage  metric':<{width}}  value", "-" * (width + 10)]
     lines += [f"{f'{s}  {k}':<{width}}  {v:.4f}" if v is not None else f"{f'{s}  {k}':<{width}}  not finite" for s, k, v in rows]
@@ -424,6 +480,13 @@ def check_sources(cfg: DictConfig) -> None:
                 check("model.decoder.pretrained", dec.pretrained,
                       lambda: AutoConfig.from_pretrained(dec.pretrained, subfolder=sub))
     sources = OmegaConf.to_container(cfg.backbone_sources)
+    g = cfg.bench.get("geneval")
+    if g is not None and g.stages and g.detector != "toy":
+        check("bench.geneval.detector", g.detector, lambda: (AutoConfig.from_pretrained(g.detector),
+                                                             AutoProcessor.from_pretrained(g.detector)))
+        clip = sources.get("clip", "openai/clip-vit-large-patch14")
+        check("backbone_sources.clip (GenEval's colour classifier)", clip,
+              lambda: (AutoConfig.from_pretrained(clip), AutoProcessor.from_pretrained(clip)))
     for key, names in (("reward.backbones", list(cfg.reward.backbones)), ("bench.backbones", list(cfg.bench.backbones))):
         for name in names:
             try:
@@ -446,6 +509,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     summary: dict = {"stages": {}, "unified_bench": {}}
+    after = geneval_stages(cfg)
+    if after:
+        summary["geneval"] = {}
     timings: dict[str, dict[str, float]] = {}  # seconds per stage and phase (timings.json; not results)
     init_from, previous = cfg.init_from, None
     for index, name in enumerate(cfg.run):
@@ -458,7 +524,16 @@ def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
         if result.get("timings") is not None:
             timings[name] = {**result["timings"], "Unified-Bench": round(time.perf_counter() - t0, 2)}
-        log.info("stage %s done: %s; Unified-Bench %.2f", name, stage_line(result["metrics"]), summary["unified_bench"][name])
+        extra = ""
+        if name in after:
+            t0 = time.perf_counter()
+            scores = geneval_stage(cfg, run_dir, name, init_from)
+            summary["geneval"][name] = scores["overall"]
+            extra = f"; GenEval {scores['overall']:.4f}"
+            if name in timings:
+                timings[name]["GenEval"] = round(time.perf_counter() - t0, 2)
+        log.info("stage %s done: %s; Unified-Bench %.2f%s", name, stage_line(result["metrics"]),
+                 summary["unified_bench"][name], extra)
     if rank_zero_only.rank != 0:
         return summary
     path = run_dir / "summary.json"

@@ -44,8 +44,10 @@ def collect(sweep_dir: Path) -> list[dict]:
             metrics.update({f"{stage}/{k}": v for k, v in final_scalars(tb).items()})
         summary = run / "summary.json"
         if summary.is_file():
-            for stage, score in json.loads(summary.read_text()).get("unified_bench", {}).items():
-                metrics[f"{stage}/unified_bench"] = score
+            saved = json.loads(summary.read_text())
+            for key in ("unified_bench", "geneval"):
+                for stage, score in saved.get(key, {}).items():
+                    metrics[f"{stage}/{key}"] = score
         if metrics:
             rows.append({"run": str(run.relative_to(sweep_dir)), "overrides": overrides, "metrics": metrics})
     return rows
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     metrics = args.metrics or [m for m in all_metrics if not m.split("/", 1)[1].startswith(("timestep_", "lr-"))]
     metric = args.metric
     if metric is None:
-        candidates = [m for m in all_metrics if m.endswith("/reward") or m.endswith("/unified_bench")]
+        candidates = [m for m in all_metrics if m.endswith(("/reward", "/unified_bench", "/geneval"))]
         metric = candidates[-1] if candidates else metrics[0]
     write_table(rows, out, metrics)
     write_plot(rows, out, metric)

@@ -239,7 +239,88 @@ class ToyPalette(Backbone):
         return shares[:, 1:].sqrt() + 1e-6  # object colours only; sqrt so a small object still counts
 
 
-BACKBONES: dict[str, Callable[[], Backbone]] = dict(zip(TOY_BACKBONES, (ToyPixels, ToyRegionColours, ToyPalette), strict=True))
+class ToyObjects(Backbone):
+    """What is drawn in each cell of the toy world's 3x3 grid: which shape at which size (template matching) and in
+    which colour, so that a wrong shape, size or colour costs about as much as a missing object.
+
+    Each pixel is read as the background blended with one palette colour: its coverage (how much of the pixel an
+    object covers, whatever its colour) and that colour (soft: the colours whose blend line passes nearest the pixel,
+    at `colour_temperature`). Per cell, the coverage map is compared with the coverage of every shape x size drawn
+    alone in that cell (rendered by the toy world itself at the input's resolution) and with an empty cell; a
+    softmax over their squared differences (normalised by the smallest object's area, at `temperature`) gives the
+    cell's probabilities. A cell's colour is its covered pixels' colour shares. Its features are the joint
+    (shape x size x colour) probabilities and, at weight `partial` each, the shape, the size and the colour alone,
+    so that a half-right object still earns a little. Differentiable; no weights."""
+
+    def __init__(self, temperature: float = 0.05, colour_temperature: float = 0.002, partial: float = 0.3):
+        super().__init__()
+        from uae_lightning.data.toy import BACKGROUND, COLOURS
+
+        self.register_buffer("background", torch.tensor(BACKGROUND, dtype=torch.float32) / 255.0, persistent=False)
+        self.register_buffer("palette", torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0,
+                             persistent=False)
+        self.temperature, self.colour_temperature, self.partial = temperature, colour_temperature, partial
+        self._templates: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def coverage(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,3,H,W] -> (coverage [B,H,W] in [0,1], colour weights [B,H,W,K] over the toy palette). A pixel x is
+        read as background + t (colour - background): t per colour is the projection onto that blend line,
+        clipped to [0,1]; the colours are weighted by how near x lies to their line."""
+        d = images.float().permute(0, 2, 3, 1) - self.background  # [B,H,W,3]
+        v = self.palette - self.background  # [K,3]
+        t = ((d @ v.T) / (v * v).sum(-1)).clamp(0, 1)  # [B,H,W,K]
+        residual = ((d[..., None, :] - t[..., None] * v) ** 2).sum(-1)  # [B,H,W,K]
+        weights = torch.softmax(-residual / self.colour_temperature, -1)
+        return (weights * t).sum(-1), weights
+
+    def templates(self, resolution: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(coverage [9, S*Z, H, W] of every shape x size alone in each cell, cell windows [9, H, W] (by pixel
+        centre), the smallest object's area in pixels)."""
+        if resolution not in self._templates:
+            from uae_lightning.data import toy
+
+            def drawn(obj) -> torch.Tensor:
+                image = toy.image_array(toy.Scene((obj,)), resolution)
+                return self.coverage(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(255).to(
+                    self.palette.device))[0][0].cpu()
+
+            masks = torch.stack([torch.stack([drawn(toy.ToyObject(shape, "white", size, cell))
+                                              for shape in toy.SHAPES for size in toy.SIZES])
+                                 for cell in range(len(toy.POSITIONS))])
+            centre = torch.arange(resolution, dtype=torch.float32).add(0.5).mul(3 / resolution).floor().clamp(max=2)
+            row, col = centre.view(-1, 1).expand(resolution, resolution), centre.view(1, -1).expand(resolution, resolution)
+            windows = torch.stack([(row == r) & (col == c) for r in range(3) for c in range(3)]).float()
+            self._templates[resolution] = (masks, windows, float(masks.sum((-1, -2)).min()))
+        masks, windows, area = self._templates[resolution]
+        return masks.to(device), windows.to(device), area
+
+    def cells(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per cell, the probabilities of each shape x size [B,9,S,Z], summing to the probability that the cell
+        holds an object; the coverage map [B,H,W]; the colour weights [B,H,W,K]; the cell windows [9,H,W])."""
+        from uae_lightning.data.toy import SHAPES, SIZES
+
+        b, _, h, w = images.shape
+        if h != w:
+            raise ValueError(f"toy_objects expects square toy images, got {h}x{w}")
+        masks, windows, area = self.templates(h, images.device)
+        m, colours = self.coverage(images)
+        diff = ((m[:, None, None] - masks[None]) ** 2 * windows[None, :, None]).sum((-1, -2))  # [B,9,T]
+        empty = (m[:, None] ** 2 * windows[None]).sum((-1, -2))  # [B,9]
+        p = torch.softmax(-torch.cat([diff, empty[..., None]], -1) / (area * self.temperature), -1)
+        return p[..., :-1].reshape(b, 9, len(SHAPES), len(SIZES)), m, colours, windows
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        objects, m, colours, windows = self.cells(images)  # [B,9,S,Z]
+        weight = (m[..., None] * colours).flatten(1, 2)  # [B,HW,K]: covered pixels' colours
+        per_cell = torch.einsum("ch,bhk->bck", windows.flatten(1), weight)  # [B,9,K]
+        colour = per_cell / per_cell.sum(-1, keepdim=True).clamp_min(1e-6)  # shares in the cell
+        present = objects.sum((-1, -2))[..., None]  # [B,9,1]
+        joint = objects[..., None] * colour[:, :, None, None, :]  # [B,9,S,Z,K]
+        side = self.partial
+        return torch.cat([joint.flatten(2), side * objects.sum(-1), side * objects.sum(-2),
+                          side * present * colour], -1).flatten(1)
+
+BACKBONES: dict[str, Callable[[], Backbone]] = dict(zip(TOY_BACKBONES, (ToyPixels, ToyRegionColours, ToyPalette, ToyObjects), strict=True))
 
 
 def backbone_source(name: str, sources: dict[str, str] | None = None) -> str | None:
