@@ -284,3 +284,34 @@ def check_rehearsal(tmp_path: Path) -> None:
     gen = DiffusionPipeline.from_pretrained(d, custom_pipeline=str(d), trust_remote_code=True,
                                             dtype={"default": torch.bfloat16, "connector": torch.float32})
     assert torch.equal(gen(texts, seeds=[3, 4], output_type="pt").images, reloaded)
+
+
+@pytest.mark.slow
+def test_unified_grpo_preset_chains_cold_start_and_two_rounds_on_one_process(fixture_dir, tmp_path):
+    """+experiment=unified_grpo rounds=2 from a stage-1 result, on one process in the presets' bf16: cold start,
+    then G4U -> U4G twice, each stage in its own directory with its preset's settings, round 2 from round 1."""
+    _, paths = fixture_dir
+    overrides = stage_overrides(paths)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["trainer.accelerator=cpu", "trainer.devices=1", "strategy=auto", f"paths.runs_dir={tmp_path}",
+              f"data.manifest={paths['manifest']}"]
+
+    def run(*args: str) -> None:
+        res = subprocess.run([sys.executable, "-m", "uae_lightning", *args, *common], capture_output=True, text=True,
+                             timeout=1500, env=env)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+
+    run("+experiment=pretrain", *overrides["pretrain"])
+    [weights] = tmp_path.glob("pretrain/*/pretrain/weights.safetensors")
+    grpo = list(dict.fromkeys(overrides["cold_start"] + overrides["g4u"] + overrides["u4g"]))
+    run("+experiment=unified_grpo", "rounds=2", f"init_from={weights}", *grpo)
+    [summary] = tmp_path.glob("unified_grpo/*/summary.json")
+    s = json.loads(summary.read_text())
+    assert list(s["stages"]) == ["cold_start", "g4u", "u4g", "g4u_round2", "u4g_round2"]
+    assert list(s["geneval"]) == ["cold_start", "u4g", "u4g_round2"]  # after the stages that change the decoder
+    run_dir = summary.parent
+    done = json.loads((run_dir / "g4u_round2" / "done.json").read_text())
+    g4u = compose_cfg(["+experiment=g4u", "init_from=x", "data.manifest=y"]).stages.g4u.module
+    assert done["settings"]["stage"]["module"]["lr"] == g4u.lr and done["settings"]["precision"] == "bf16-mixed"
+    chain = UAEPipeline.from_run(run_dir)  # the last stage: round 2's U4G, loaded through its chain of outputs
+    assert list(chain.summary["stages"]) == list(s["stages"])

@@ -148,3 +148,43 @@ def test_signalled_in_training_test_and_bench_requeues_and_matches_an_uninterrup
     assert done["global_step"] == ref_done["global_step"] == 60
     assert done["metrics"] == ref_done["metrics"]
     assert json.loads((run / "summary.json").read_text()) == json.loads((ref_run / "summary.json").read_text())
+
+
+def test_a_chain_submitted_once_returns_at_once_survives_a_killed_stage_and_matches_the_foreground(tmp_path):
+    """`python -m uae_lightning.chain` queues a 2-round toy chain (G4U, U4G, then both again) as 4 dependent jobs and
+    returns; one stage's job is cancelled while it trains, the jobs after it are cancelled by SLURM, and submitting
+    the same command again queues the unfinished stages; the chain's summary equals the same run's in the
+    foreground."""
+    from conftest import FAST
+    from test_rounds import ROUNDS
+
+    args = [*TINY, *[a for a in ROUNDS if a not in FAST], "bench.geneval.max_prompts=6", "bench.geneval.samples=1",
+            "stages.g4u.trainer.max_steps=4", "stages.g4u.trainer.checkpoint_every_n_steps=1"]
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "uae_lightning.chain", f"paths.runs_dir={tmp_path / 'chain'}", *args],
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    took = time.time() - t0
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert took < 60, took
+    jobs = dict(line.split()[:3:2] for line in out.stdout.splitlines() if " job " in line)
+    assert list(jobs) == ["g4u", "u4g", "g4u_round2", "u4g_round2"] and "squeue -j" in out.stdout
+    [results] = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("results: ")]
+    run = Path(results).parent
+    assert run.parent.parent == tmp_path / "chain"
+    # Cancel round 1's G4U once it has written a mid-stage checkpoint: the 3 jobs after it never start.
+    _wait(lambda: (run / "g4u" / "checkpoints" / "last.ckpt").exists(), 300, "round 1's G4U to checkpoint")
+    subprocess.run(["scancel", jobs["g4u"]], check=True)
+    _wait(lambda: not _squeue(), 120, "the chain's jobs to leave the queue")
+    assert not (run / "g4u" / "done.json").exists() and not (run / "u4g").exists()
+    again = subprocess.run([sys.executable, "-m", "uae_lightning.chain", f"paths.runs_dir={tmp_path / 'chain'}", *args],
+                           capture_output=True, text=True, timeout=120, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [line.split()[0] for line in again.stdout.splitlines() if " job " in line] == list(jobs)
+    _wait(lambda: not _squeue(), 600, "the re-submitted chain to finish")
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["stages"]) == list(jobs)
+    log = (run / "slurm").glob("g4u-*.out")
+    assert any("resuming from" in p.read_text() for p in log)  # the second G4U job resumed the cancelled one
+    fg = uae([f"paths.runs_dir={tmp_path / 'fg'}", *args])
+    assert fg.returncode == 0, fg.stderr[-3000:]
+    assert json.loads((run_dir(tmp_path / "fg") / "summary.json").read_text()) == summary

@@ -31,6 +31,40 @@ def _positive_int(value, key: str) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value, "an integer > 0")
 
 
+ROUND_PAIR = ("g4u", "u4g")  # the stages `rounds` repeats, in this order
+
+
+def stage_runs(cfg: DictConfig) -> list[tuple[str, str, int]]:
+    """(directory, stage, round) of every stage the run trains, in order: `run`, with its G4U -> U4G pair repeated
+    `rounds` times (Unified-GRPO rounds). Round 1 keeps the stage's name as its directory; round k >= 2 is
+    `<stage>_round<k>`. Each starts from the weights of the one before it."""
+    rounds = int(cfg.get("rounds", 1) or 1)
+    out = [(name, name, 1) for name in cfg.run]
+    if rounds > 1:
+        names = list(cfg.run)
+        at = next(i for i in range(len(names) - 1) if tuple(names[i : i + 2]) == ROUND_PAIR)
+        repeats = [(f"{s}_round{k}", s, k) for k in range(2, rounds + 1) for s in ROUND_PAIR]
+        out = out[: at + 2] + repeats + out[at + 2 :]
+    return out
+
+
+def round_config(cfg: DictConfig, stage: str, round_: int) -> DictConfig:
+    """The config one stage of one round trains with: `stages.<stage>` with `round_settings.r2` ... `r<round>`
+    merged over it in order (a setting given for round k holds from round k on, until a later round changes it)."""
+    from omegaconf import OmegaConf
+
+    if round_ == 1:
+        return cfg
+    deltas = [cfg.round_settings[f"r{k}"][stage] for k in range(2, round_ + 1)
+              if f"r{k}" in (cfg.get("round_settings") or {}) and stage in cfg.round_settings[f"r{k}"]]
+    if not deltas:
+        return cfg
+    out = cfg.copy()
+    OmegaConf.set_struct(out, False)
+    out.stages[stage] = OmegaConf.merge(cfg.stages[stage], *deltas)
+    return out
+
+
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
@@ -43,6 +77,21 @@ def validate(cfg: DictConfig) -> None:
     _check(len(cfg.run) > 0, "run", list(cfg.run), "a non-empty list of stages")
     for name in cfg.run:
         _one_of(name, list(cfg.stages), "run[]")
+    _check(len(set(cfg.run)) == len(cfg.run), "run", list(cfg.run),
+           "each stage once (repeat the G4U -> U4G pair with rounds=K)")
+    rounds = cfg.get("rounds", 1)
+    _positive_int(rounds, "rounds")
+    names = list(cfg.run)
+    if rounds > 1:
+        _check(any(tuple(names[i : i + 2]) == ROUND_PAIR for i in range(len(names) - 1)), "rounds", rounds,
+               f"1, or a run holding the pair {list(ROUND_PAIR)} one after the other (run={names})")
+    if cfg.get("stop_after"):
+        _one_of(cfg.stop_after, [f for f, _, _ in stage_runs(cfg)], "stop_after")
+    for key, delta in (cfg.get("round_settings") or {}).items():
+        _check(key in [f"r{k}" for k in range(2, rounds + 1)], f"round_settings.{key}", "...",
+               f"a round of this run: r2 ... r{rounds} (rounds={rounds})" if rounds > 1 else "nothing: rounds=1")
+        for stage in delta:
+            _one_of(stage, ROUND_PAIR, f"round_settings.{key}")
     d = cfg.data
     _one_of(d.source, ("toy", "manifest"), "data.source")
     for key in ("resolution", "batch_size", "eval_batch_size"):

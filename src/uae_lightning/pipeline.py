@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from uae_lightning import quiet  # first: silences third-party notices
+from uae_lightning.config import round_config, stage_runs
 from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.decoder import seed_for
 from uae_lightning.models.decoder_pipeline import UAEDecoderPipeline
@@ -134,7 +135,8 @@ class UAEPipeline(nn.Module):
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (no .hydra/config.yaml)")
         cfg = OmegaConf.load(cfg_file)
-        finished = [s for s in cfg.run if (run_dir / s / "done.json").is_file()]
+        runs = {folder: (name, round_) for folder, name, round_ in stage_runs(cfg)}
+        finished = [f for f in runs if (run_dir / f / "done.json").is_file()]
         if stage is None:
             if not finished:
                 raise FileNotFoundError(f"{run_dir}: no stage has finished yet (no */done.json)")
@@ -142,8 +144,9 @@ class UAEPipeline(nn.Module):
         elif stage not in finished:
             raise FileNotFoundError(f"{run_dir}: stage {stage!r} has not finished; finished: {finished}")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), stage)
-        chain = list(cfg.run)[: list(cfg.run).index(stage) + 1]
+        name, round_ = runs[stage]
+        settings = bench_settings(OmegaConf.to_container(round_config(cfg, name, round_), resolve=True), name)
+        chain = list(runs)[: list(runs).index(stage) + 1]
         summary = {"stages": {s: json.loads((run_dir / s / "done.json").read_text())["metrics"] for s in chain
                               if (run_dir / s / "done.json").is_file()}}
         if (run_dir / "summary.json").is_file():

@@ -33,7 +33,7 @@ from uae_lightning.bench.io import save_png
 from uae_lightning.callbacks import preemption
 from uae_lightning.callbacks.preemption import Preempted, Preemption, save_last, slurm_job_id
 from uae_lightning.checkpointing import AtomicCheckpointIO, remove_partial
-from uae_lightning.config import configured, validate
+from uae_lightning.config import configured, round_config, stage_runs, validate
 from uae_lightning.errors import USER_ERRORS, ConfigError, fail
 from uae_lightning.pipeline import UAEPipeline, bench_settings
 from uae_lightning.slurm import check_allocation, slurm_nodes, slurm_tasks
@@ -333,12 +333,12 @@ def check_heldout(cfg: DictConfig, run_dir: Path) -> None:
         reference_images(cfg, run_dir / "bench_images", resolution)
 
 
-def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
+def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str, folder: str | None = None) -> dict:
     """Unified-Bench of a finished stage's weights (resumes if interrupted); returns its summary. Every rank of the
     run takes part: the images are split over the ranks (bench.core.run_bench), each holding a full copy of the
     models, so no rank idles in a collective while one redraws the whole set."""
     barrier()  # rank 0 has written weights.safetensors
-    out = run_dir / name / "unified_bench"
+    out = run_dir / (folder or name) / "unified_bench"
     settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), name)
     pipe = UAEPipeline.from_bench_settings(weights, OmegaConf.to_container(cfg.model, resolve=True), settings)
     pipe.to("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
@@ -350,14 +350,15 @@ def bench_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict
 
 
 def geneval_stages(cfg: DictConfig) -> list[str]:
-    """The stages of this run after which GenEval is scored (`bench.geneval.stages`: all, a list, or [])."""
+    """The stages of this run after which GenEval is scored (`bench.geneval.stages`: all, a list, or []), every
+    round of them."""
     g = cfg.bench.get("geneval")
     if g is None or not g.stages:
         return []
     return list(cfg.run) if g.stages == "all" else [s for s in cfg.run if s in list(g.stages)]
 
 
-def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> dict:
+def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str, folder: str | None = None) -> dict:
     """GenEval of a finished stage's weights with the bench's sampling settings: every rank draws its share of the
     prompts (resuming), rank 0 scores them into <stage>/geneval/ and logs the scores to TensorBoard; returns the
     summary on every rank."""
@@ -365,7 +366,8 @@ def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> di
     from uae_lightning.bench.detectors import build_scorer
 
     g = cfg.bench.geneval
-    out = run_dir / name / "geneval"
+    stage_dir = run_dir / (folder or name)
+    out = stage_dir / "geneval"
     settings = bench_settings(OmegaConf.to_container(cfg, resolve=True), name)
     pipe = UAEPipeline.from_bench_settings(weights, OmegaConf.to_container(cfg.model, resolve=True), settings)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
@@ -392,7 +394,7 @@ def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> di
         geneval.atomic_write(out / geneval.SUMMARY, json.dumps(summary, indent=2))
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(run_dir / name / "tensorboard")) as writer:
+        with SummaryWriter(str(stage_dir / "tensorboard")) as writer:
             writer.add_scalar("geneval/overall", summary["overall"], 0)
             for tag, value in summary["tags"].items():
                 writer.add_scalar(f"geneval/{tag}", value, 0)
@@ -401,6 +403,44 @@ def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str) -> di
         torch.distributed.broadcast_object_list(box, src=0)
         summary = box[0]
     return summary
+
+
+# The cross-stage curves (<run dir>/tensorboard): per-rollout-batch and held-out metrics of every stage on one axis,
+# cumulative RL steps (rollout batches of G4U and U4G); stages without rollouts add no steps.
+RUN_CURVES = {"reward/mean": "run/rollout_reward", "caption/length_mean": "run/rollout_caption_length",
+              "caption/informativeness": "run/rollout_informativeness", "heldout/reward": "run/heldout_reward",
+              "heldout/informativeness": "run/heldout_informativeness",
+              "heldout/caption_length": "run/heldout_caption_length"}
+
+
+def write_run_curves(run_dir: Path, folders: list[str], summary: dict) -> None:
+    """Rewrite <run dir>/tensorboard from the finished stages' own events (so a resumed run never logs a point
+    twice): every RUN_CURVES metric at (RL steps before the stage) + its step, `run/stage` (the stage's number) at
+    each stage's first step as a marker, and each stage's Unified-Bench and GenEval at its last step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = run_dir / "tensorboard"
+    shutil.rmtree(out, ignore_errors=True)
+    offset = 0
+    with SummaryWriter(str(out)) as writer:
+        for number, folder in enumerate(folders, 1):
+            events = EventAccumulator(str(run_dir / folder / "tensorboard"), size_guidance={"scalars": 0})
+            events.Reload()
+            tags = set(events.Tags().get("scalars", []))
+            writer.add_scalar("run/stage", number, offset)
+            writer.add_text("run/stages", f"{folder} starts at RL step {offset}", offset)
+            rollouts = len(events.Scalars("reward/mean")) if "reward/mean" in tags else 0
+            for tag, name in RUN_CURVES.items():
+                if tag not in tags:
+                    continue
+                points = events.Scalars(tag) if rollouts or not tag.startswith("heldout/") else events.Scalars(tag)[-1:]
+                for e in points:
+                    writer.add_scalar(name, e.value, offset + (e.step if rollouts else 0))
+            offset += rollouts
+            for key in ("unified_bench", "geneval"):
+                if summary.get(key, {}).get(folder) is not None:
+                    writer.add_scalar(f"run/{key}", summary[key][folder], offset)
 
 
 def strict_json(value):
@@ -514,26 +554,33 @@ def _run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         summary["geneval"] = {}
     timings: dict[str, dict[str, float]] = {}  # seconds per stage and phase (timings.json; not results)
     init_from, previous = cfg.init_from, None
-    for index, name in enumerate(cfg.run):
-        log.info("=== stage %d/%d: %s ===", index + 1, len(cfg.run), name)
-        result = run_stage(cfg, name, index, run_dir / name, init_from, previous)
-        previous = {**result, "name": name}
-        summary["stages"][name] = result["metrics"]
+    runs = stage_runs(cfg)
+    for index, (folder, name, round_) in enumerate(runs):
+        log.info("=== stage %d/%d: %s%s ===", index + 1, len(runs), name, f" (round {round_})" if round_ > 1 else "")
+        stage_cfg = round_config(cfg, name, round_)
+        result = run_stage(stage_cfg, name, index, run_dir / folder, init_from, previous)
+        previous = {**result, "name": folder}
+        summary["stages"][folder] = result["metrics"]
         init_from = result["weights"]
         t0 = time.perf_counter()
-        summary["unified_bench"][name] = bench_stage(cfg, run_dir, name, init_from)["overall"]
+        summary["unified_bench"][folder] = bench_stage(stage_cfg, run_dir, name, init_from, folder)["overall"]
         if result.get("timings") is not None:
-            timings[name] = {**result["timings"], "Unified-Bench": round(time.perf_counter() - t0, 2)}
+            timings[folder] = {**result["timings"], "Unified-Bench": round(time.perf_counter() - t0, 2)}
         extra = ""
         if name in after:
             t0 = time.perf_counter()
-            scores = geneval_stage(cfg, run_dir, name, init_from)
-            summary["geneval"][name] = scores["overall"]
+            scores = geneval_stage(stage_cfg, run_dir, name, init_from, folder)
+            summary["geneval"][folder] = scores["overall"]
             extra = f"; GenEval {scores['overall']:.4f}"
-            if name in timings:
-                timings[name]["GenEval"] = round(time.perf_counter() - t0, 2)
-        log.info("stage %s done: %s; Unified-Bench %.2f%s", name, stage_line(result["metrics"]),
-                 summary["unified_bench"][name], extra)
+            if folder in timings:
+                timings[folder]["GenEval"] = round(time.perf_counter() - t0, 2)
+        log.info("stage %s done: %s; Unified-Bench %.2f%s", folder, stage_line(result["metrics"]),
+                 summary["unified_bench"][folder], extra)
+        if rank_zero_only.rank == 0 and "tensorboard" in (cfg.logger or {}) and cfg.logger.tensorboard is not None:
+            write_run_curves(run_dir, [f for f, _, _ in runs[: index + 1]], summary)
+        if folder == cfg.get("stop_after"):
+            log.info("stopping after stage %s (stop_after)", folder)
+            break
     if rank_zero_only.rank != 0:
         return summary
     path = run_dir / "summary.json"

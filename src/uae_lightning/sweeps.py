@@ -98,13 +98,57 @@ def write_plot(rows: list[dict], out: Path, metric: str) -> None:
     plt.close(fig)
 
 
+def _bench_scores(stage_dir: Path) -> dict[str, float]:
+    """Each image's Unified-Bench score (x 100, the mean over backbones) from a stage's results.jsonl."""
+    rows = [json.loads(line) for line in (stage_dir / "unified_bench" / "results.jsonl").read_text().splitlines()]
+    return {r["image"]: 100 * sum(r["scores"].values()) / len(r["scores"]) for r in rows}
+
+
+def per_stage_table(run_dir: Path) -> str:
+    """One row per stage (and round) of one run: what it added over the stage before it, each a mean of paired
+    per-image differences on the held-out images +- its standard error: held-out reward, informativeness, caption
+    length (from its before/after test), Unified-Bench (x 100, per image against the previous stage's); and GenEval."""
+    import math
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = ["| stage | reward | informativeness | caption length | Unified-Bench | GenEval |",
+             "|---|---:|---:|---:|---:|---:|"]
+    previous = None
+    for stage, m in summary["stages"].items():
+        cells = []
+        for metric in ("reward", "informativeness", "caption_length"):
+            if f"{metric}_after" in m:
+                gain = m[f"{metric}_after"] - m[f"{metric}_before"]
+                cells.append(f"{gain:+.4f} ± {m.get(f'{metric}_gain_se') or 0:.4f}")
+            else:
+                cells.append(f"{m[metric]:.4f}" if metric in m else "")
+        bench = _bench_scores(run_dir / stage) if (run_dir / stage / "unified_bench").is_dir() else None
+        if bench is not None and previous is not None:
+            diffs = [bench[k] - previous[k] for k in bench if k in previous]
+            mean = sum(diffs) / len(diffs)
+            se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else 0.0
+            cells.append(f"{mean:+.2f} ± {se:.2f}")
+        else:
+            cells.append(f"{summary['unified_bench'].get(stage, float('nan')):.2f}")
+        geneval = summary.get("geneval", {}).get(stage)
+        cells.append("" if geneval is None else f"{geneval:.4f}")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        previous = bench
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m uae_lightning.sweeps", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", type=Path, help="the sweep's folder (runs_dir/name)")
     p.add_argument("--metric", default=None, help="metric to plot (default: the last stage's held-out reward)")
     p.add_argument("--metrics", nargs="*", default=None, help="columns of the table (default: all final metrics)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
+    p.add_argument("--per-stage", action="store_true",
+                   help="sweep_dir is one run: print what each stage (and round) added over the one before it")
     args = p.parse_args(argv)
+    if args.per_stage:
+        print(per_stage_table(args.sweep_dir))
+        return []
     rows = collect(args.sweep_dir)
     if not rows:
         raise SystemExit(f"no finished runs with TensorBoard events under {args.sweep_dir}")
