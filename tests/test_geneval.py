@@ -269,6 +269,7 @@ def export(tmp_path_factory):
     return pipe.save_pretrained(tmp_path_factory.mktemp("export") / "uae")
 
 
+@pytest.mark.slow
 def test_generate_on_2_processes_with_a_kill_and_a_resume_then_score_with_mask2former_and_clip(export, tmp_path):
     """A fixed subset of the official prompts (one per tag), 4 images each, drawn by 2 processes (SLURM tasks) of
     which the first is killed once and re-run; the images equal a 1-process run's, and the scorer writes the

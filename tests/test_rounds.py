@@ -95,8 +95,16 @@ def test_two_rounds_write_every_stage_and_chain_their_weights(tmp_path):
     assert rows[2].split(" | ")[4].startswith(f"{diff:+.2f} ± ")
     gain = summary["stages"]["u4g_round2"]["reward_after"] - summary["stages"]["u4g_round2"]["reward_before"]
     assert rows[3].split(" | ")[1].startswith(f"{gain:+.4f} ± ")
+    # The metric against the round, per stage: the sweeps tool's by-round series and plot.
+    from uae_lightning.sweeps import by_round, write_round_plot
+
+    [series] = by_round(tmp_path, "reward_after").values()
+    assert series == {s: {1: summary["stages"][s]["reward_after"], 2: summary["stages"][f"{s}_round2"]["reward_after"]}
+                      for s in ("g4u", "u4g")}
+    assert write_round_plot(tmp_path, tmp_path, "unified_bench").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_a_run_killed_inside_round_2_resumes_without_redoing_round_1(tmp_path):
     args = [sys.executable, "-m", "uae_lightning", f"hydra.run.dir={tmp_path}", *ROUNDS,
             "stages.g4u.trainer.max_steps=6", "stages.g4u.trainer.checkpoint_every_n_steps=1"]

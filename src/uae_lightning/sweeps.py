@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -98,6 +99,56 @@ def write_plot(rows: list[dict], out: Path, metric: str) -> None:
     plt.close(fig)
 
 
+ROUND_STAGE = re.compile(r"^(g4u|u4g)(?:_round(\d+))?$")
+
+
+def by_round(sweep_dir: Path, metric: str) -> dict[str, dict[str, dict[int, float]]]:
+    """{run: {"g4u" | "u4g": {round: value}}} of every run under `sweep_dir` (or `sweep_dir` itself): `metric` of
+    each G4U and U4G stage of each round, from summary.json (`unified_bench`, `geneval`, or a stage metric such as
+    `reward_after`)."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    summaries = [sweep_dir / "summary.json"] if (sweep_dir / "summary.json").is_file() else sorted(sweep_dir.rglob("summary.json"))
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        series: dict[str, dict[int, float]] = {}
+        for folder, metrics in summary["stages"].items():
+            m = ROUND_STAGE.match(folder)
+            if not m:
+                continue
+            value = summary.get(metric, {}).get(folder) if metric in ("unified_bench", "geneval") else metrics.get(metric)
+            if value is not None:
+                series.setdefault(m.group(1), {})[int(m.group(2) or 1)] = value
+        if series:
+            out[str(path.parent.relative_to(sweep_dir)) if path.parent != sweep_dir else path.parent.name] = series
+    return out
+
+
+def write_round_plot(sweep_dir: Path, out: Path, metric: str) -> Path:
+    """`metric` against the round, one line per run and stage (G4U, U4G): sweep_rounds.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = by_round(sweep_dir, metric)
+    if not data:
+        raise ValueError(f"no G4U / U4G stage under {sweep_dir} reports {metric!r}")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, series in data.items():
+        for stage, points in series.items():
+            rounds = sorted(points)
+            ax.plot(rounds, [points[r] for r in rounds], marker="o", label=f"{run}: {stage}")
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "sweep_rounds.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _bench_scores(stage_dir: Path) -> dict[str, float]:
     """Each image's Unified-Bench score (x 100, the mean over backbones) from a stage's results.jsonl."""
     rows = [json.loads(line) for line in (stage_dir / "unified_bench" / "results.jsonl").read_text().splitlines()]
@@ -145,9 +196,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
     p.add_argument("--per-stage", action="store_true",
                    help="sweep_dir is one run: print what each stage (and round) added over the one before it")
+    p.add_argument("--by-round", metavar="METRIC", default=None,
+                   help="plot METRIC (reward_after, informativeness_after, caption_length_after, unified_bench, "
+                        "geneval) against the round, one line per run and stage: sweep_rounds.png")
     args = p.parse_args(argv)
     if args.per_stage:
         print(per_stage_table(args.sweep_dir))
+        return []
+    if args.by_round:
+        path = write_round_plot(args.sweep_dir, args.out or args.sweep_dir, args.by_round)
+        print(f"{path} ({args.by_round} by round)")
         return []
     rows = collect(args.sweep_dir)
     if not rows:
