@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 # local run compute exactly the same numbers.
 TINY = ["data.train_size=64", "data.val_size=8", "stages.u4g.data.val_size=8", "data.batch_size=8", "data.eval_batch_size=8",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-        "callbacks.preview.every_n_steps=1000", "bench.batch_size=8"]
+        "callbacks.preview.every_n_steps=1000", "bench.batch_size=8", "bench.geneval.max_prompts=6",
+        "bench.geneval.samples=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # sbatch passes the environment on to the job
 
 
@@ -158,8 +159,8 @@ def test_a_chain_submitted_once_returns_at_once_survives_a_killed_stage_and_matc
     from conftest import FAST
     from test_rounds import ROUNDS
 
-    args = [*TINY, *[a for a in ROUNDS if a not in FAST], "bench.geneval.max_prompts=6", "bench.geneval.samples=1",
-            "stages.g4u.trainer.max_steps=4", "stages.g4u.trainer.checkpoint_every_n_steps=1"]
+    args = [*TINY, *[a for a in ROUNDS if a not in FAST], "stages.g4u.trainer.max_steps=4",
+            "stages.g4u.trainer.checkpoint_every_n_steps=1"]
     t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "uae_lightning.chain", f"paths.runs_dir={tmp_path / 'chain'}", *args],
                          capture_output=True, text=True, timeout=120, env=ENV)
