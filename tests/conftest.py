@@ -34,7 +34,7 @@ def compose_config():
 # A line of third-party noise in a run's output (stdout and stderr, as piped to a file or a SLURM log): a warning
 # printed by the warnings module (it names its source file under site-packages), a tip, hint or deprecation notice, a
 # progress bar (a terminal's, not a log's: tqdm's or Lightning's rich one).
-NOISE = re.compile(r"site-packages|Warning|warn\(|💡|[Dd]eprecat|HINT|Tip:|\d+%\||━")
+NOISE = re.compile(r"site-packages|Warning|warn\(|💡|[Dd]eprecat|HINT|Tip:|\d+%\||━|\]\[tensorboard\]")
 
 
 def noise_lines(text: str) -> list[str]:

@@ -15,6 +15,8 @@ package does:
 - diffusers: the note that a model has no float32-only modules to keep.
 - Hugging Face's weight-loading progress bars when stderr is not a terminal (a SLURM log, a pipe): one bar per
   checkpoint, a second long, at every start and requeue. In a terminal they stay.
+- TensorBoard's event reader: its directory-watcher INFO lines ("Directory watcher advancing", "No path found
+  after") each time the run reads its stages' event files to write the cross-stage curves (runner.write_run_curves).
 - Hydra: conf/hydra/launcher/submitit_slurm.yaml deliberately shadows the plugin's option of the same name (so the
   plain `hydra/launcher=submitit_slurm` gets our defaults); Hydra still validates it against the plugin's schema and
   warns, in the submitting process and again in each job. Its message starts with a newline, hence the `\s*`.
@@ -48,6 +50,7 @@ class _DropMessages(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages(
     "💡 Tip", "GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped: `max_steps=",
     "`Trainer(limit_val_batches=", "`Trainer(val_check_interval="))
+logging.getLogger("tensorboard").setLevel(logging.WARNING)
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
     _DropMessages("There are modules in SD3Transformer2DModel that should be kept in float32: []"))
 
