@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import shutil
 from pathlib import Path
 
@@ -388,15 +388,15 @@ def geneval_stage(cfg: DictConfig, run_dir: Path, name: str, weights: str, folde
     barrier()  # every image is on disk
     summary = None
     if rank_zero_only.rank == 0:
+        logged = (out / geneval.SUMMARY).is_file()  # a reused stage's scores are already in its TensorBoard
         scorer = build_scorer(g.detector, cfg.backbone_sources.get("clip"), device)
         summary = geneval.score(out, scorer, progress=quiet.progress_bars(cfg.trainer.enable_progress_bar))
         summary["subset"] = len(indices) < len(prompts)
         geneval.atomic_write(out / geneval.SUMMARY, json.dumps(summary, indent=2))
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(stage_dir / "tensorboard")) as writer:
-            writer.add_scalar("geneval/overall", summary["overall"], 0)
-            for tag, value in summary["tags"].items():
+        with SummaryWriter(str(stage_dir / "tensorboard")) if not logged else nullcontext() as writer:
+            for tag, value in ({"overall": summary["overall"], **summary["tags"]}.items() if writer else ()):
                 writer.add_scalar(f"geneval/{tag}", value, 0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [summary]
@@ -434,8 +434,7 @@ def write_run_curves(run_dir: Path, folders: list[str], summary: dict) -> None:
             for tag, name in RUN_CURVES.items():
                 if tag not in tags:
                     continue
-                points = events.Scalars(tag) if rollouts or not tag.startswith("heldout/") else events.Scalars(tag)[-1:]
-                for e in points:
+                for e in events.Scalars(tag) if rollouts else events.Scalars(tag)[-1:]:  # a stage without rollouts: its end
                     writer.add_scalar(name, e.value, offset + (e.step if rollouts else 0))
             offset += rollouts
             for key in ("unified_bench", "geneval"):
