@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from uae_lightning.data.datamodule import UAEDataModule, collate, read_manifest
+from uae_lightning.data.datamodule import UAEDataModule, collate
+from uae_lightning.data.sources import read_manifest
 
 
 @pytest.fixture
@@ -52,7 +53,8 @@ def test_bad_images_are_skipped_or_converted_and_counted(messy_folder):
     assert batch["short_caption"][:2] == ["good", "a gray image"]  # falls back to the caption
     assert dict(batch["skipped"]) == {
         "converted_grayscale": 1, "converted_alpha": 1, "converted_high_bit_depth": 1,
-        "skipped_too_small": 1, "skipped_corrupt": 2, "skipped_too_large": 1, "skipped_missing": 1,
+        "skipped_too_small": 1, "skipped_corrupt": 1, "skipped_truncated": 1, "skipped_too_large": 1,
+        "skipped_missing": 1,
         "skipped_empty_caption": 1,
     }
     gray = batch["images"][1]
@@ -86,8 +88,8 @@ def test_csv_manifest_and_seeded_validation_split(tmp_path):
     b = UAEDataModule(source="manifest", manifest=str(tmp_path / "m.csv"), val_fraction=0.1, seed=1)
     a.setup(), b.setup()
     assert len(a.train_set) == 90 and len(a.val_set) == 10
-    assert [r["caption"] for r in a.val_set.rows] == [r["caption"] for r in b.val_set.rows]
-    assert not {r["caption"] for r in a.val_set.rows} & {r["caption"] for r in a.train_set.rows}
+    assert a.val_set.indices == b.val_set.indices and len(set(a.val_set.indices)) == 10
+    assert not {a.val_set[i]["caption"] for i in range(10)} & {a.train_set[i]["caption"] for i in range(90)}
 
 
 def test_toy_datamodule_is_seeded_and_splits_are_disjoint():
@@ -147,3 +149,27 @@ def test_toy_images_kept_from_an_earlier_draw_are_the_drawn_ones_whatever_a_cons
         image = ds[2]["image"]
         drawn = torch.from_numpy(toy.image_array(toy.make_scene(7, 2, 3), side).copy()).permute(2, 0, 1)
         assert image.shape == (3, side, side) and torch.equal(image, drawn)
+
+
+def test_sampler_drops_nothing_when_the_epoch_is_not_whole_global_batches(monkeypatch):
+    """42 samples, global batch 2 x 4: a pass is 5 batches, and data epoch 0 ends 2 samples into the 6th global
+    batch. Read over both ranks, the stream holds each sample once per data epoch: nothing is dropped at an epoch's
+    end (a drop-last sampler would never show 2 samples of each epoch)."""
+    from uae_lightning.data.datamodule import ResumableSampler
+
+    per_rank = {}
+    for rank in (0, 1):
+        monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda r=rank: (r, 2))
+        out = []
+        for position in (0, 5, 10, 15):  # 4 passes of 5 batches = 160 samples = 3 data epochs and 34
+            out += list(ResumableSampler(42, batch_size=4, seed=1, position=lambda p=position: p))
+        per_rank[rank] = out
+    assert len(per_rank[0]) == len(per_rank[1]) == 80
+    # A global batch is rank 0's and rank 1's batches interleaved (rank r holds its items r, r + 2, ...).
+    flat = [per_rank[r][4 * b + i] for b in range(20) for i in range(4) for r in (0, 1)]
+    for e in range(3):
+        assert sorted(flat[42 * e : 42 * (e + 1)]) == list(range(42))
+    assert flat[:42] != flat[42:84]
+    # Resuming at global batch 7 (mid-pass) continues the same stream.
+    monkeypatch.setattr("uae_lightning.data.datamodule.process_group", lambda: (1, 2))
+    assert list(ResumableSampler(42, batch_size=4, seed=1, position=lambda: 7)) == per_rank[1][28:40]

@@ -189,3 +189,111 @@ def test_a_chain_submitted_once_returns_at_once_survives_a_killed_stage_and_matc
     fg = uae([f"paths.runs_dir={tmp_path / 'fg'}", *args])
     assert fg.returncode == 0, fg.stderr[-3000:]
     assert json.loads((run_dir(tmp_path / "fg") / "summary.json").read_text()) == summary
+
+
+def _quiet_qwen(src: Path, dst: Path) -> Path:
+    """The fixture's tiny random Qwen2.5-VL with the embeddings (tied to the output layer) of the whitespace bytes
+    zeroed: its greedy captions are then runs of visible tokens instead of newlines, which collapse to nothing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from uae_lightning.rehearsal import qwen_tokenizer
+
+    shutil.copytree(src, dst)
+    sd = load_file(src / "model.safetensors")
+    tok = qwen_tokenizer()
+    sd["model.embed_tokens.weight"][[i for i in range(256) if not tok.decode([i]).strip()]] = 0
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _shard_captions(folder: Path) -> dict[str, tuple[str, dict, bytes]]:
+    import webdataset as wds
+
+    out = {}
+    for tar in sorted(folder.glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            assert "png" in s  # the source's image bytes, under the extension of what they are
+            out[s["__key__"]] = (s["txt"].decode(), json.loads(s["json"]), s["png"])
+    return out
+
+
+def test_recaption_runs_as_two_slurm_tasks_survives_a_kill_and_its_output_trains_the_pretrain_preset(tmp_path):
+    """An img2dataset-style WebDataset (the fixture's 24 images twice, one corrupt member, one sample without a
+    caption) recaptioned with the paper preset's captioner on the fixture by 2 SLURM tasks (slurm/templates/
+    recaption.sbatch); the job is cancelled once some shards are written, then submitted again. The result equals a
+    one-process run caption for caption; its shards are the training data of `+experiment=pretrain data=webdataset`."""
+    from test_data_sources import write_webdataset
+    from test_rehearsal import stage_overrides
+    from uae_lightning.rehearsal import write_fixture
+
+    paths = write_fixture(tmp_path / "fixture")
+    qwen = _quiet_qwen(paths["Qwen/Qwen2.5-VL-3B-Instruct"], tmp_path / "qwen")
+    rows = [json.loads(line) for line in paths["manifest"].read_text().splitlines()]
+    samples = [{"key": f"{i:09d}", "image": (paths["manifest"].parent / r["path"]).read_bytes(), "ext": "png",
+                "caption": r["caption"], "meta": {"url": f"https://example.com/{i}.png"}}
+               for i, r in enumerate(rows + rows)]
+    samples[5]["image"] = b"not a png"
+    samples[8]["caption"] = None
+    write_webdataset(tmp_path / "corpus", samples, per_shard=16)
+    overrides = ["+experiment=pretrain", "data=webdataset", f"data.shards={tmp_path / 'corpus'}", "data.resolution=64",
+                 f"model.encoder.pretrained={qwen}"]
+    flags = ["--shard-size", "4", "--batch-size", "2", "--max-new-tokens", "48"]
+    script = Path(__file__).resolve().parent.parent / "slurm" / "templates" / "recaption.sbatch"
+    out = tmp_path / "captions"
+
+    # The template runs `python`: the environment's, as after `source .venv/bin/activate`.
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+
+    def submit():
+        res = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1",
+                              f"--output={tmp_path}/recaption-%j.out", str(script), str(out), *overrides, *flags],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+        return res.stdout.strip().split(";")[0]
+
+    job = submit()
+    _wait(lambda: len(list(out.glob("*.tar"))) >= 2 or not _squeue(), 300, "the first shards")
+    assert _squeue(), (tmp_path / f"recaption-{job}.out").read_text()[-3000:]  # still running
+    subprocess.run(["scancel", job], check=True)
+    _wait(lambda: not _squeue(), 120, "the cancelled job to leave the queue")
+    written = len(list(out.glob("*.tar")))
+    assert 2 <= written < 12, written  # killed part-way: 48 samples are 12 shards
+    job = submit()
+    _wait(lambda: not _squeue(), 600, "the resubmitted job to finish")
+    log = (tmp_path / f"recaption-{job}.out").read_text()
+    assert "task 0/2" in log and "task 1/2" in log and "captions/s" in log and "tokens/s" in log
+    todo = sum(int(line.split(", ")[-1].split()[0]) for line in log.splitlines() if "to caption" in line)
+    assert todo == 12 - written  # the finished shards were not captioned again
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"{k:05d}.tar" for k in range(12)]
+    assert not list((out / "_progress").iterdir())
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    assert sum(s["written"] for s in stats) == 47 and {k: v for s in stats for k, v in s["skipped"].items()} == \
+        {"corrupt": 1}
+    got = _shard_captions(out)
+    assert set(got) == {s["key"] for s in samples} - {samples[5]["key"]}
+    # Each key holds its own sample: the source's image bytes, caption and JSON. (The random captioner writes the same
+    # caption for every image, so the images, not the captions, show that nothing was shuffled across a resume.)
+    for s in samples:
+        if s["key"] in got:
+            text, meta, image = got[s["key"]]
+            assert text.strip() and meta["short_caption"] == (s["caption"] or "") and meta["url"] == s["meta"]["url"]
+            assert image == s["image"]
+    # The folder remembers how it was made: a resume with other settings is refused before any model loads.
+    other = subprocess.run([sys.executable, "-m", "uae_lightning.recaption", str(out), *overrides, *flags[:-2],
+                            "--max-new-tokens", "16"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert other.returncode != 0 and "other settings (max_new_tokens)" in other.stderr
+    # One process, uninterrupted: the same captions.
+    ref = subprocess.run([sys.executable, "-m", "uae_lightning.recaption", str(tmp_path / "ref"), *overrides, *flags],
+                         capture_output=True, text=True, env={k: v for k, v in ENV.items() if not k.startswith("SLURM")},
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert {k: v[0] for k, v in _shard_captions(tmp_path / "ref").items()} == {k: v[0] for k, v in got.items()}
+    # The output is stage-1 training data, read by the paper preset as it stands.
+    train = uae(["+experiment=pretrain", "data=webdataset", f"data.shards={out}",
+                 "data.short_caption_field=json.short_caption", f"paths.runs_dir={tmp_path / 'runs'}",
+                 "trainer.accelerator=cpu", "trainer.devices=1", "strategy=auto",
+                 *[o for o in stage_overrides(paths)["pretrain"] if not o.startswith("data.batch_size")],
+                 "data.batch_size=2"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    done = json.loads((run_dir(tmp_path / "runs") / "pretrain" / "done.json").read_text())
+    assert done["global_step"] == 2

@@ -38,3 +38,18 @@ def remove_partial(folder: Path) -> list[Path]:
         else:
             p.unlink()
     return left
+
+
+def resume_settings(path: Path, settings: dict) -> dict[str, tuple]:
+    """The settings a resumable output folder was made with: written to `path` (JSON, atomically) the first time;
+    later, what differs from them, {key: (there, now)} (empty when a resume may go on)."""
+    import json
+
+    if path.is_file():
+        old = json.loads(path.read_text())
+        return {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL}")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return {}

@@ -71,7 +71,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true",
 def validate(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
-    for group, key in (("data", "manifest"),):
+    for group, key in (("data", "manifest"), ("data", "shards"), ("data", "hf_path")):
         if key in cfg[group].keys() and OmegaConf.is_missing(cfg[group], key):
             raise ConfigError(f"{group}.{key} is not set; give it on the command line ({group}.{key}=...)")
     _check(len(cfg.run) > 0, "run", list(cfg.run), "a non-empty list of stages")
@@ -93,7 +93,7 @@ def validate(cfg: DictConfig) -> None:
         for stage in delta:
             _one_of(stage, ROUND_PAIR, f"round_settings.{key}")
     d = cfg.data
-    _one_of(d.source, ("toy", "manifest"), "data.source")
+    _one_of(d.source, ("toy", "manifest", "webdataset", "hf"), "data.source")
     for key in ("resolution", "batch_size", "eval_batch_size"):
         _check(isinstance(d[key], int) and d[key] > 0, f"data.{key}", d[key], "a positive integer")
     if d.source == "toy":

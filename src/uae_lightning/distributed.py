@@ -2,6 +2,8 @@
 hooks: the data sampler and the Unified-Bench split."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -9,6 +11,17 @@ def process_group() -> tuple[int, int]:
     """(rank, world size) of the initialised default process group; (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world) of a work split: the training run's process group when there is one, else the SLURM tasks
+    of a job step (SLURM_PROCID / SLURM_NTASKS), else torchrun's RANK / WORLD_SIZE, else one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    for rank, world in (("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world])
     return 0, 1
 
 

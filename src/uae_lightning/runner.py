@@ -316,9 +316,10 @@ def reference_images(cfg: DictConfig, folder: Path, resolution: int) -> Path:
         elif rank_zero_only.rank == 0:
             save_png(item["image"].float() / 255.0, folder / f"{i:05d}.png")
     if skipped.total() == n:
-        source = f"data.val_manifest={cfg.data.val_manifest}" if cfg.data.get("val_manifest") else (
-            f"data.manifest={cfg.data.manifest} with data.val_fraction={cfg.data.val_fraction}"
-            if cfg.data.get("manifest") else f"data.source={cfg.data.source}")
+        d = cfg.data
+        given = next((f"data.{k}={d[k]}" for k in ("val_manifest", "val_shards", "hf_val_split") if d.get(k)), None)
+        origin = next((f"data.{k}={d[k]}" for k in ("manifest", "shards", "hf_path") if d.get(k)), None)
+        source = given or (f"{origin} with data.val_fraction={d.val_fraction}" if origin else f"data.source={d.source}")
         raise ConfigError(f"the held-out split ({source}) has no usable image among its first {n} ({dict(skipped)}): "
                           "the held-out test and Unified-Bench need some; fix those files or choose another split")
     if rank_zero_only.rank == 0:

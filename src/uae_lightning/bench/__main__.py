@@ -24,6 +24,7 @@ from uae_lightning import quiet  # first: silences third-party notices
 from uae_lightning.callbacks import preemption
 from uae_lightning.bench.core import DEFAULT_BACKBONES, format_summary, run_bench, score_folders
 from uae_lightning.bench.detectors import DEFAULT_DETECTOR
+from uae_lightning.distributed import shard
 from uae_lightning.pipeline import positive_int
 
 
@@ -130,7 +131,7 @@ def geneval_main(p: argparse.ArgumentParser, args) -> dict:
             drawn = geneval.generate(pipe, prompts, args.out, args.samples, args.batch_size, args.seed, args.steps,
                                      progress=bar, prompt_source=source,
                                      indices=geneval.subset(prompts, args.max_prompts))
-            rank, world = geneval.shard()
+            rank, world = shard()
             print(f"GenEval: drew {drawn} images{f' (rank {rank} of {world})' if world > 1 else ''} into {args.out}")
             return {"drawn": drawn}
         made = Path(args.folder) / geneval.GENERATION

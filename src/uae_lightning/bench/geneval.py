@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
+from uae_lightning.distributed import shard
+
 log = logging.getLogger(__name__)
 
 THRESHOLD = 0.3
@@ -287,32 +289,15 @@ class Scorer(Protocol):
 GENERATION = "generation.json"
 
 
-def shard() -> tuple[int, int]:
-    """(rank, world) of the work split: the training run's process group when there is one, else the SLURM tasks
-    of a job step (SLURM_PROCID / SLURM_NTASKS), else torchrun's RANK / WORLD_SIZE, else one process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    for rank, world in (("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE")):
-        if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), int(os.environ[world])
-    return 0, 1
-
-
 def check_settings(out: Path, settings: dict) -> None:
     """Write the generation settings, or check that a folder being resumed was made with the same ones."""
-    path = out / GENERATION
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{out} holds GenEval images made with other settings ({', '.join(changed)}: "
-                             f"{[old.get(k) for k in changed]} there, {[settings.get(k) for k in changed]} now); "
-                             f"give another --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(settings, indent=2))
+    from uae_lightning.checkpointing import resume_settings
+
+    changed = resume_settings(out / GENERATION, settings)
+    if changed:
+        raise ValueError(f"{out} holds GenEval images made with other settings ({', '.join(changed)}: "
+                         f"{[v[0] for v in changed.values()]} there, {[v[1] for v in changed.values()]} now); "
+                         f"give another --out")
 
 
 def subset(prompts: list[dict], n: int | None) -> list[int]:

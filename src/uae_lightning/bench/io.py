@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uae_lightning.data.images import SkipSample, load_image
+from uae_lightning.data.images import SkipSample, load_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -31,10 +31,9 @@ def load_tensor(path: str | Path, resolution: int, max_pixels: int = 16384 * 163
     """An image file as float [3,R,R] in [0,1] (RGB-converted, centre-cropped and resized), or None when the file
     cannot be decoded (the caller counts it)."""
     try:
-        img, _ = load_image(str(path), resolution, min_side=1, max_pixels=max_pixels)
+        return load_uint8(str(path), resolution, min_side=1, max_pixels=max_pixels)[0].float() / 255.0
     except SkipSample:
         return None
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

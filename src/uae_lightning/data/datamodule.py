@@ -6,24 +6,22 @@ by reason, plus conversions made). Bad samples never reach a stage: they are ski
 """
 from __future__ import annotations
 
-import csv
 import json
 import random
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uae_lightning.distributed import process_group
 
 from uae_lightning.data import toy
-from uae_lightning.data.images import SkipSample, load_image
+from uae_lightning.data.images import SkipSample, load_uint8
+from uae_lightning.data.sources import build_records, held_out
 
 
 @lru_cache(maxsize=1 << 14)
@@ -55,58 +53,43 @@ class ToyShapes(Dataset):
             "caption": toy.caption(scene, "complete"),
             "short_caption": toy.caption(scene, level),
             "scene": json.dumps(scene.to_dict()),
+            "key": f"{self.seed}-{i}",
         }
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a JSONL or CSV manifest with `path` (relative to the manifest's folder or absolute), `caption` and
-    optionally `short_caption`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.manifest: no such file {path}")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"data.manifest: {path} line {n} is not JSON: {e}") from e
-    elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"data.manifest: {path} must end in .jsonl or .csv")
-    if rows and "path" not in rows[0]:
-        raise ValueError(f"data.manifest: {path} rows need a 'path' field; got fields {sorted(rows[0])}")
-    for r in rows:
-        r["path"] = str(path.parent / r["path"]) if not Path(r["path"]).is_absolute() else r["path"]
-    return rows
+class DecodedImages(Dataset):
+    """Records of a real-data source (`sources.py`), decoded: each becomes a training sample or a skip marker naming
+    its reason (counted under data/skipped_<reason>), with the same rules whatever the source."""
 
-
-class ManifestImages(Dataset):
-    """Images on disk listed in a manifest; unreadable or caption-less rows come back as skip markers."""
-
-    def __init__(self, rows: list[dict[str, str]], resolution: int, min_side: int, max_pixels: int):
-        self.rows, self.resolution, self.min_side, self.max_pixels = rows, resolution, min_side, max_pixels
+    def __init__(self, records, resolution: int, min_side: int, max_pixels: int, indices: list[int] | None = None):
+        self.records, self.resolution, self.min_side, self.max_pixels = records, resolution, min_side, max_pixels
+        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.indices) if self.indices is not None else len(self.records)
+
+    def record(self, i: int):
+        return self.records[self.indices[i] if self.indices is not None else i]
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        caption = " ".join(str(row.get("caption") or "").split())
+        rec = self.record(i)
+        if rec.caption is None:
+            return {"skip": "missing_caption", "key": rec.key}
+        caption = " ".join(rec.caption.split())
         if not caption:
-            return {"skip": "empty_caption"}
+            return {"skip": "empty_caption", "key": rec.key}
+        if rec.image is None:
+            return {"skip": "missing_image", "key": rec.key}
         try:
-            img, converted = load_image(row["path"], self.resolution, self.min_side, self.max_pixels)
+            image, converted = load_uint8(rec.image, self.resolution, self.min_side, self.max_pixels)
         except SkipSample as e:
-            return {"skip": e.reason}
+            return {"skip": e.reason, "key": rec.key}
         out = {
-            "image": torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1),
+            "image": image,
             "caption": caption,
-            "short_caption": " ".join(str(row.get("short_caption") or "").split()) or caption,
-            "scene": "",
+            "short_caption": " ".join((rec.short_caption or "").split()) or caption,
+            "scene": rec.scene,
+            "key": rec.key,
         }
         if converted:
             out["converted"] = converted
@@ -129,7 +112,7 @@ def collate(samples: list[dict]) -> dict:
     batch: dict = {"skipped": counts}
     if good:
         batch["images"] = torch.stack([s["image"] for s in good]).float() / 255.0
-        for key in ("caption", "short_caption", "scene"):
+        for key in ("caption", "short_caption", "scene", "key"):
             batch[key] = [s[key] for s in good]
         if "index" in good[0]:
             batch["index"] = [s["index"] for s in good]
@@ -175,13 +158,16 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 class ResumableSampler(Sampler[int]):
     """Shuffled training order that is a pure function of (seed, global batches trained), sharded over ranks.
 
-    Data epoch e is a permutation seeded by (seed, e), cut to whole global batches (batch_size x world_size); rank r
-    takes every world_size-th index starting at r, so each global batch holds the same samples whether it is
-    processed by one process or by several. Each pass starts where training stands: `position()` is the number of
-    global batches trained so far (Lightning's processed-batch count, restored from a checkpoint on resume), so data
-    epoch = position // batches per epoch and the pass skips position % batches per epoch. Lightning's (epoch, batch)
-    pair is not used: a checkpoint written at max_steps has the epoch counter already advanced, one written at an
-    epoch's last batch restarts that epoch with the counter unchanged; the trained-batch count is right in both.
+    The order is one stream: data epoch e is a permutation of all samples seeded by (seed, e), and the epochs follow
+    each other. The stream is cut into global batches (batch_size x world_size); rank r takes every world_size-th
+    index of a global batch starting at r, so each global batch holds the same samples whether it is processed by one
+    process or by several, every rank runs the same number of batches, and every sample of a data epoch is read once,
+    by one rank (when the sample count is not a multiple of the global batch, a batch spans two data epochs; nothing
+    is dropped). A pass (Lightning's epoch) is `size // global batch` batches. Each pass starts where training
+    stands: `position()` is the number of global batches trained so far (Lightning's processed-batch count, restored
+    from a checkpoint on resume), and the pass runs from there to the end of its pass. Lightning's (epoch, batch) pair
+    is not used: a checkpoint written at max_steps has the epoch counter already advanced, one written at an epoch's
+    last batch restarts that epoch with the counter unchanged; the trained-batch count is right in both.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, position: Callable[[], int]):
@@ -198,21 +184,30 @@ class ResumableSampler(Sampler[int]):
         return n_batches
 
     def __len__(self) -> int:
-        rank, world = process_group()
-        return (self.size // (self.batch_size * world)) * self.batch_size
+        return self.batches_per_epoch() * self.batch_size
+
+    def stream(self, start: int, count: int) -> list[int]:
+        """Items start .. start + count - 1 of the stream of data epochs."""
+        out: list[int] = []
+        epoch, offset = divmod(start, self.size)
+        while len(out) < count:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            out += order[offset : offset + count - len(out)].tolist()
+            epoch, offset = epoch + 1, 0
+        return out
 
     def __iter__(self):
         rank, world = process_group()
         per_global = self.batch_size * world
         n_batches = self.batches_per_epoch()
-        epoch, start = divmod(self.position(), n_batches)
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        order = order[start * per_global : n_batches * per_global]
-        return iter(order[rank::world].tolist())
+        position = self.position()
+        end = (position // n_batches + 1) * n_batches
+        return iter(self.stream(position * per_global, (end - position) * per_global)[rank::world])
 
 
 class UAEDataModule(L.LightningDataModule):
-    """The shared DataModule. `source="toy"` generates the shapes world; `source="manifest"` reads files."""
+    """The shared DataModule. `source="toy"` generates the shapes world; `"manifest"`, `"webdataset"` and `"hf"` read
+    real data (`sources.py`): image files listed in a manifest, WebDataset tar shards, a Hugging Face dataset."""
 
     def __init__(
         self,
@@ -231,6 +226,19 @@ class UAEDataModule(L.LightningDataModule):
         val_fraction: float = 0.01,
         min_side: int = 16,
         max_pixels: int = 8192 * 8192,
+        shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        index_cache: str | None = None,
+        hf_path: str | None = None,
+        hf_name: str | None = None,
+        hf_split: str = "train",
+        hf_val_split: str | None = None,
+        hf_cache_dir: str | None = None,
+        image_field: str | list[str] | None = None,
+        caption_field: str | None = None,
+        short_caption_field: str | None = None,
+        scene_field: str | None = None,
+        key_field: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -247,17 +255,15 @@ class UAEDataModule(L.LightningDataModule):
             self.train_set = ToyShapes(h.train_size, h.seed, h.resolution, h.max_objects, levels)
             self.val_set = ToyShapes(h.val_size, h.seed + 10_000, h.resolution, h.max_objects, levels)
             return
-        rows = read_manifest(h.manifest)
-        if h.val_manifest:
-            val_rows = read_manifest(h.val_manifest)
-        else:
-            order = list(range(len(rows)))
-            random.Random(h.seed).shuffle(order)
-            n_val = max(1, int(len(rows) * h.val_fraction))
-            val_rows = [rows[i] for i in order[:n_val]]
-            rows = [rows[i] for i in order[n_val:]]
-        self.train_set = ManifestImages(rows, h.resolution, h.min_side, h.max_pixels)
-        self.val_set = ManifestImages(val_rows, h.resolution, h.min_side, h.max_pixels)
+        records, val_records = build_records(dict(h))
+        decode = dict(resolution=h.resolution, min_side=h.min_side, max_pixels=h.max_pixels)
+        if val_records is not None:
+            self.train_set = DecodedImages(records, **decode)
+            self.val_set = DecodedImages(val_records, **decode)
+        else:  # no separate held-out set: a seeded val_fraction of the samples, the same rule for every source
+            train, val = held_out(len(records), h.val_fraction, h.seed)
+            self.train_set = DecodedImages(records, indices=train, **decode)
+            self.val_set = DecodedImages(records, indices=val, **decode)
 
     def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         # A generator of its own: creating an iterator draws a base seed, which must not come from (and shift) the
