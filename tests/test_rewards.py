@@ -155,6 +155,21 @@ def test_toy_objects_pays_for_every_fact_a_caption_can_state():
     assert costs["shape"]["toy_pixels"] < 0.2 and costs["shape"]["toy_palette"] < 0.2  # what toy_objects adds
 
 
+def test_toy_objects_first_used_in_inference_mode_still_trains():
+    """A stage's starting-point test (inference mode) is often the reward's first call, which builds and caches the
+    templates; a training step after it must still backpropagate through the reward."""
+    from uae_lightning.rewards.backbones import ToyObjects
+
+    reward = Similarity({"toy_objects": 1.0})
+    ref = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        reward(torch.rand(2, 3, 32, 32), ref)
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    reward(images, ref).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert isinstance(reward.backbones[0], ToyObjects)
+
+
 def test_toy_objects_reads_coverage_whatever_the_colour_and_finds_each_shape_by_hand():
     from uae_lightning.data import toy
     from uae_lightning.rewards.backbones import ToyObjects

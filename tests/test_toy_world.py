@@ -28,6 +28,7 @@ def test_render_is_deterministic_and_draws_colours_where_objects_are():
 
 def test_caption_levels():
     assert caption(SCENE, "short") == "a circle and a square"
+    assert caption(SCENE, "placed") == "a circle at the top-left and a square in the centre"
     assert caption(SCENE, "coloured") == "a red circle and a blue square"
     assert caption(SCENE, "sized") == "a large red circle and a small blue square"
     assert caption(SCENE, "complete") == "a large red circle at the top-left and a small blue square in the centre"
@@ -37,6 +38,7 @@ def test_informativeness_counts_correct_minus_wrong_facts():
     # 2 objects x 4 facts = 8 facts.
     assert informativeness(caption(SCENE, "complete"), SCENE) == 1.0
     assert informativeness(caption(SCENE, "short"), SCENE) == 2 / 8
+    assert informativeness(caption(SCENE, "placed"), SCENE) == 4 / 8
     assert informativeness(caption(SCENE, "coloured"), SCENE) == 4 / 8
     assert informativeness(caption(SCENE, "sized"), SCENE) == 6 / 8
     # Order does not matter; one wrong colour costs its fact and one more: (7 - 1) / 8.

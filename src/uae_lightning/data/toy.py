@@ -26,8 +26,15 @@ POSITIONS = (
     "bottom-left", "bottom", "bottom-right",
 )
 BACKGROUND = (30, 30, 30)
-# Detail levels, from the shortest caption to the complete one.
-LEVELS = ("short", "coloured", "sized", "complete")
+# Detail levels: the facts each states besides the shape, from the shortest caption to the complete one.
+LEVEL_FACTS = {
+    "short": (),
+    "placed": ("position",),
+    "coloured": ("colour",),
+    "sized": ("size", "colour"),
+    "complete": ("size", "colour", "position"),
+}
+LEVELS = tuple(LEVEL_FACTS)
 
 
 @dataclass(frozen=True)
@@ -95,16 +102,16 @@ def caption(scene: Scene, level: str = "complete") -> str:
     """The caption of a scene at one detail level (see LEVELS)."""
     if level not in LEVELS:
         raise ValueError(f"caption level {level!r} is not one of {LEVELS}")
-    depth = LEVELS.index(level)
+    stated = LEVEL_FACTS[level]
     parts = []
     for o in scene.objects:
         words = ["a"]
-        if depth >= 2:
+        if "size" in stated:
             words.append(o.size)
-        if depth >= 1:
+        if "colour" in stated:
             words.append(o.colour)
         words.append(o.shape)
-        if depth >= 3:
+        if "position" in stated:
             words.append(_position_phrase(o.position))
         parts.append(" ".join(words))
     return " and ".join(parts)

@@ -277,22 +277,28 @@ class ToyObjects(Backbone):
         """(coverage [9, S*Z, H, W] of every shape x size alone in each cell, cell windows [9, H, W] (by pixel
         centre), the smallest object's area in pixels)."""
         if resolution not in self._templates:
-            from uae_lightning.data import toy
-
-            def drawn(obj) -> torch.Tensor:
-                image = toy.image_array(toy.Scene((obj,)), resolution)
-                return self.coverage(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(255).to(
-                    self.palette.device))[0][0].cpu()
-
-            masks = torch.stack([torch.stack([drawn(toy.ToyObject(shape, "white", size, cell))
-                                              for shape in toy.SHAPES for size in toy.SIZES])
-                                 for cell in range(len(toy.POSITIONS))])
-            centre = torch.arange(resolution, dtype=torch.float32).add(0.5).mul(3 / resolution).floor().clamp(max=2)
-            row, col = centre.view(-1, 1).expand(resolution, resolution), centre.view(1, -1).expand(resolution, resolution)
-            windows = torch.stack([(row == r) & (col == c) for r in range(3) for c in range(3)]).float()
-            self._templates[resolution] = (masks, windows, float(masks.sum((-1, -2)).min()))
+            # Built outside inference mode (and without grad), whatever the first caller runs under: a template cached
+            # by a held-out test (inference mode) must still serve a training step's autograd graph later.
+            with torch.inference_mode(False), torch.no_grad():
+                self._templates[resolution] = self._build_templates(resolution)
         masks, windows, area = self._templates[resolution]
         return masks.to(device), windows.to(device), area
+
+    def _build_templates(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        from uae_lightning.data import toy
+
+        def drawn(obj) -> torch.Tensor:
+            image = toy.image_array(toy.Scene((obj,)), resolution)
+            return self.coverage(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(255).to(
+                self.palette.device))[0][0].cpu()
+
+        masks = torch.stack([torch.stack([drawn(toy.ToyObject(shape, "white", size, cell))
+                                          for shape in toy.SHAPES for size in toy.SIZES])
+                             for cell in range(len(toy.POSITIONS))])
+        centre = torch.arange(resolution, dtype=torch.float32).add(0.5).mul(3 / resolution).floor().clamp(max=2)
+        row, col = centre.view(-1, 1).expand(resolution, resolution), centre.view(1, -1).expand(resolution, resolution)
+        windows = torch.stack([(row == r) & (col == c) for r in range(3) for c in range(3)]).float()
+        return masks, windows, float(masks.sum((-1, -2)).min())
 
     def cells(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per cell, the probabilities of each shape x size [B,9,S,Z], summing to the probability that the cell
