@@ -217,15 +217,18 @@ def test_help_is_the_packages_own():
         assert needle in text, needle
 
 
-def test_u4g_measures_on_four_times_the_held_out_scenes_and_leaves_a_manifest_split_alone():
-    """conf/stage/u4g.yaml: the toy U4G's held-out set is 4x data.val_size, whatever data.val_size is set to (the
-    first quarter is the other stages' set); with a manifest (no val_size) nothing is added."""
+def test_u4g_measures_on_eight_times_the_held_out_scenes_and_leaves_a_manifest_split_alone():
+    """conf/stage/u4g.yaml: the toy U4G's held-out set is 8x data.val_size, whatever data.val_size is set to (the
+    first eighth is the other stages' set); with a manifest (no val_size) nothing is added."""
     from uae_lightning.runner import _merged
 
-    for overrides, expected in (([], 512), (["data.val_size=8"], 32)):
+    for overrides, expected in (([], 1024), (["data.val_size=8"], 64)):
         cfg = compose_cfg(overrides)
         assert _merged(cfg.data, cfg.stages.u4g.data).val_size == expected
-        assert _merged(cfg.data, cfg.stages.g4u.data).val_size == expected // 4
+        assert _merged(cfg.data, cfg.stages.g4u.data).val_size == expected // 8
     paper = compose_cfg(["+experiment=u4g", "data.manifest=m.jsonl", "init_from=w.safetensors"])
     assert _merged(paper.data, paper.stages.u4g.data).get("val_size") is None
+    # The toy's in-stage curve reads the first 2 held-out batches; the paper preset evaluates its whole split.
+    assert compose_cfg([]).stages.u4g.trainer.limit_val_batches == 2
+    assert paper.stages.u4g.trainer.limit_val_batches == 1.0
     validate(paper)

@@ -78,6 +78,12 @@ def test_pretrained_decoder_uses_the_caption(summary):
     holds(summary, "pretrain reads captions")
 
 
+def test_cold_start_does_not_lower_the_reward(summary):
+    """Cold start trains the decoder through its sampler on the reward: its held-out reward gain is above 0 (a cold
+    start that trains against the reward, or with a broken sampler gradient, lowers it)."""
+    holds(summary, "cold start keeps the reward")
+
+
 def test_g4u_makes_captions_more_informative_and_reconstructions_closer(summary):
     """The aha moment in miniature: on held-out images, G4U raises mean reward by >= 0.02 and caption
     informativeness by >= 0.05 (share of facts stated correctly). Measured: +0.276 +- 0.029 and +0.143 +- 0.025. A

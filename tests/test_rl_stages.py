@@ -149,24 +149,45 @@ def test_u4g_trained_steps_fraction_and_window():
     assert make(num_steps=3, train_window=(0, 4)).trained_steps() == [0, 1, 2]  # stop capped at num_steps
 
 
-@pytest.mark.parametrize("sde_steps", ["all", "trained"])
-def test_u4g_rollouts_explore_only_at_the_trained_steps_when_asked(monkeypatch, sde_steps):
-    """sde_steps=trained (Flow-GRPO-Fast, MixGRPO): with train_window [1, 3) of 4 steps, steps 0 and 3 are the Euler
-    ODE step x + (sigma_next - sigma) v exactly (recomputed here from the stored latents) with log-prob 0, and steps
-    1 and 2 are SDE steps; with sde_steps=all no step is the ODE's. A rollout that ignores the option, or explores
-    outside the window, or lets the window's noise leak into the ODE steps' log-probs fails."""
+def _u4g_rollout(monkeypatch, overrides: list[str]):
+    """A toy U4G stage (2 images x 3 trajectories, 4 steps) and one rollout of it."""
     from omegaconf import OmegaConf
 
     from uae_lightning.stages.u4g import U4G
 
-    cfg = compose_cfg([*U4G_FAST, "stages.u4g.module.train_window=[1,3]", f"stages.u4g.module.sde_steps={sde_steps}"])
+    cfg = compose_cfg([*U4G_FAST, *overrides])
     kw = {k: v for k, v in OmegaConf.to_container(cfg.stages.u4g.module).items() if k != "_target_"}
     stage = U4G(model=OmegaConf.to_container(cfg.model), resolution=32, **kw)
     stage.configure_model()
     reward = RewardCallback(cfg.reward.backbones, OmegaConf.to_container(cfg.backbone_sources))
     monkeypatch.setattr(U4G, "reward", property(lambda self: reward))
     torch.manual_seed(0)
-    ro = stage.rollout({"images": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))})
+    return stage, stage.rollout({"images": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))})
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_u4g_trajectories_of_a_caption_share_their_initial_noise_when_asked(monkeypatch, shared):
+    """shared_initial_noise (the toy's default; Flow-GRPO's sample.same_latent, off in the paper preset): a caption's
+    G trajectories start from one latent, different images from different ones, and the trajectories still part at
+    the first SDE step; off, every trajectory starts from its own latent."""
+    _, ro = _u4g_rollout(monkeypatch, [f"stages.u4g.module.shared_initial_noise={shared}"])
+    start = ro["latents"][:, 0].flatten(1)  # [2 images x 3 trajectories, D]
+    same_within = [torch.equal(start[3 * i], start[3 * i + j]) for i in range(2) for j in (1, 2)]
+    assert same_within == [shared] * 4
+    assert not torch.equal(start[0], start[3])
+    assert not torch.equal(ro["latents"][0, 1], ro["latents"][1, 1])  # explored from the first step on
+    paper = compose_cfg(["+experiment=u4g", "data.manifest=m.jsonl", "init_from=w.safetensors"])
+    assert compose_cfg([]).stages.u4g.module.shared_initial_noise is True
+    assert paper.stages.u4g.module.shared_initial_noise is False
+
+
+@pytest.mark.parametrize("sde_steps", ["all", "trained"])
+def test_u4g_rollouts_explore_only_at_the_trained_steps_when_asked(monkeypatch, sde_steps):
+    """sde_steps=trained (Flow-GRPO-Fast, MixGRPO): with train_window [1, 3) of 4 steps, steps 0 and 3 are the Euler
+    ODE step x + (sigma_next - sigma) v exactly (recomputed here from the stored latents) with log-prob 0, and steps
+    1 and 2 are SDE steps; with sde_steps=all no step is the ODE's. A rollout that ignores the option, or explores
+    outside the window, or lets the window's noise leak into the ODE steps' log-probs fails."""
+    stage, ro = _u4g_rollout(monkeypatch, ["stages.u4g.module.train_window=[1,3]", f"stages.u4g.module.sde_steps={sde_steps}"])
     latents, sigmas, n = ro["latents"], ro["sigmas"], ro["latents"].shape[0]
     assert n == 2 * 3 and latents.shape[1] == 4 + 1
     ode_steps = []
@@ -326,8 +347,10 @@ def test_u4g_captions_each_held_out_image_once_and_reuses_the_same_captions(tmp_
         return texts, lengths
 
     monkeypatch.setattr(U4G, "heldout_captions", checking)
-    # 8 held-out images in batches of 3, 3 and 2 (U4G's 4x of data.val_size=8 would be 32, so it is set here).
+    # 8 held-out images in batches of 3, 3 and 2 (U4G's 8x of data.val_size=8 would be 64, so it is set here).
     cfg = compose_cfg([*U4G_FAST, "data.eval_batch_size=3", "stages.u4g.data.val_size=8", "stages.u4g.trainer.max_steps=4",
                        "stages.u4g.trainer.val_check_interval=2"])
     run_pipeline(cfg, tmp_path)
-    assert captioned == [True] * 3 + [False] * 3 * 3  # 4 evaluations x 3 batches: the first captions, the rest reuse
+    # The starting point captions its 3 batches; the two evaluations during training read the first 2 batches
+    # (the toy's limit_val_batches) and the final test all 3, reusing the captions.
+    assert captioned == [True] * 3 + [False] * (2 + 2 + 3)

@@ -38,6 +38,7 @@ CLAIMS = [
     Claim("pretrain reads captions", "similarity, complete caption - empty caption",
           lambda s: _stage(s, "pretrain")["similarity_complete_caption"]
           - _stage(s, "pretrain")["similarity_empty_caption"], 0.15),
+    Claim("cold start keeps the reward", "held-out reward gain", lambda s: _gain(s, "cold_start", "reward"), 0.0),
     Claim("G4U: closer reconstructions", "held-out reward gain", lambda s: _gain(s, "g4u", "reward"), 0.02),
     Claim("G4U: more informative captions", "informativeness gain", lambda s: _gain(s, "g4u", "informativeness"),
           0.05),

@@ -86,7 +86,7 @@ def render(scene: Scene, resolution: int = 32) -> Image.Image:
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         elif obj.shape == "square":
-            s = r * 0.9
+            s = r
             draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=colour)
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.85), (cx - r, cy + r * 0.85)], fill=colour)
