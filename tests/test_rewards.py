@@ -158,8 +158,8 @@ def test_toy_objects_pays_for_every_fact_a_caption_can_state():
 def test_the_default_reward_pays_for_every_fact_a_caption_can_state(compose_config):
     """Issue 25's bar, on the reward the default run trains with (reward/toy.yaml): on 200 drawn scenes, one object
     drawn with another shape, size or colour (everything else kept) loses at least half the reward that removing
-    the object loses (measured: 0.61 / 0.65 / 1.02). The old default (thumbnail, regions, palette) paid 0.07 / 0.22
-    for shape and size, so a captioner could name them wrongly at almost no cost."""
+    the object loses (measured: 0.61 / 0.65 / 1.02). The old default (thumbnail, regions, palette) paid 0.04 / 0.12
+    for shape and size (benchmarks/reward_facts.py), so a captioner could name them wrongly at almost no cost."""
     from uae_lightning.rewards.facts import fact_costs
 
     cfg = compose_config()
