@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 # choices.py only: the command line validates a config before torch and the model libraries are imported.
 from uae_lightning.choices import (ADVANTAGE_SCALES, CONDITIONING_MODES, CONVENTIONS, DECODER_ARCHITECTURES, DTYPE_NAMES,
-                                   ENCODER_ARCHITECTURES, LOSS_AGGREGATIONS, PADDING_MODES, PAPER_BACKBONES,
+                                   ENCODER_ARCHITECTURES, LOSS_AGGREGATIONS, LR_SCHEDULES, PADDING_MODES, PAPER_BACKBONES,
                                    PROMPT_POSITIONS, SIGMA_SAMPLINGS, TOY_BACKBONES, WEIGHTING_SCHEMES)
 
 from uae_lightning.errors import ConfigError
@@ -208,6 +208,8 @@ def validate(cfg: DictConfig) -> None:
             _check(mod.kl_beta >= 0, f"{key}.kl_beta", mod.kl_beta, "a number >= 0")
         if "loss_aggregation" in mod:
             _one_of(mod.loss_aggregation, LOSS_AGGREGATIONS, f"{key}.loss_aggregation")
+        if "lr_schedule" in mod:
+            _one_of(mod.lr_schedule, LR_SCHEDULES, f"{key}.lr_schedule")
         if "advantage_scale" in mod:
             _one_of(mod.advantage_scale, ADVANTAGE_SCALES, f"{key}.advantage_scale")
         if "noise_level" in mod:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from uae_lightning.choices import LR_SCHEDULES
 from uae_lightning.data import toy
 from uae_lightning.models.build import build_autoencoder
 from uae_lightning.models.lora import add_lora
@@ -32,6 +34,20 @@ log = logging.getLogger("uae_lightning")
 def _as_tuples(x):
     """random.setstate needs tuples; a checkpoint round trip may have turned them into lists."""
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate of update `step` (0-based) over the configured one: a linear warm-up to 1 at update
+    `warmup_steps` - 1 (the first update already trains, at 1 / warmup_steps); then `constant` stays at 1 and `cosine`
+    falls as 0.5 (1 + cos(pi p)), p = (step + 1 - warmup) / (total + 1 - warmup), so that it is 0.5 half-way through the
+    decay and every update, the last included, still trains."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r}; expected one of {LR_SCHEDULES}")
+    warm = max(1, warmup_steps)
+    if step + 1 < warm or schedule == "constant":
+        return min(1.0, (step + 1) / warm)
+    progress = min(1.0, (step + 1 - warm) / max(1, total_steps + 1 - warm))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class NonFiniteError(RuntimeError):
@@ -172,12 +188,14 @@ class UAEStage(L.LightningModule):
             self.adapters["encoder"] = dict(self.encoder_lora)
 
     def configure_optimizers(self):
-        """AdamW on whatever `configure_trainable` unfroze, linear warm-up then constant (hparams lr, weight_decay,
-        warmup_steps of the stage)."""
+        """AdamW on whatever `configure_trainable` unfroze, with the stage's learning-rate schedule (hparams lr,
+        weight_decay, warmup_steps, lr_schedule; see `lr_factor`). The schedule steps once per training batch: an RL
+        stage's batch is `num_iterations` optimizer updates of trainer.max_steps, so it has max_steps / num_iterations."""
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        h = self.hparams
+        total = max(1, self.trainer.max_steps // h.get("num_iterations", 1))  # config.py: max_steps > 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, h.warmup_steps, total, h.lr_schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- shared bookkeeping ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class CaptionerFinetuning(UAEStage):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
+        lr_schedule: str = "constant",
         lora: dict | None = None,
         full_modules: tuple[str, ...] = ("model.visual", "lm_head"),
         max_nonfinite_in_a_row: int = 5,

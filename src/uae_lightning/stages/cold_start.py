@@ -21,6 +21,7 @@ class ColdStart(UAEStage):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         num_steps: int = 10,
         grad_last_steps: int = 2,
         guidance_scale: float = 1.0,

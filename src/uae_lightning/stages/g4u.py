@@ -25,6 +25,7 @@ class G4U(UAEStage):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         group_size: int = 8,
         num_iterations: int = 1,
         clip_range_low: float = 0.2,

@@ -22,6 +22,7 @@ class DecoderPretraining(UAEStage):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         caption_dropout: float = 0.1,
         weighting_scheme: str = "logit_normal",
         sigma_sampling: str = "scheduler",

@@ -35,6 +35,7 @@ class U4G(UAEStage):
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         group_size: int = 24,
         num_steps: int = 10,
         noise_level: float = 0.7,
