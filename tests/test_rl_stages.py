@@ -1,4 +1,6 @@
 """Cold start and G4U mechanics on tiny runs from random initialisation (seconds each)."""
+import math
+
 import pytest
 import torch
 
@@ -354,3 +356,47 @@ def test_u4g_captions_each_held_out_image_once_and_reuses_the_same_captions(tmp_
     # The starting point captions its 3 batches; the two evaluations during training read the first 2 batches
     # (the toy's limit_val_batches) and the final test all 3, reusing the captions.
     assert captioned == [True] * 3 + [False] * (2 + 2 + 3)
+
+
+def test_lr_factor_by_hand():
+    """Warm-up 5 of 80 updates. The linear warm-up: 0.2 at update 0, 0.8 at 3, 1 at 4. Cosine from there:
+    p = (step + 1 - 5) / 76, so p = 0.5 at update 42 gives exactly 0.5, and update 79 (p = 75/76) gives
+    0.5 (1 - cos(pi / 76)) = 0.000427, small but not 0 (a decay to 0 at the last update would waste it).
+    Constant stays at 1. An unknown schedule is refused."""
+    from uae_lightning.stages.base import lr_factor
+
+    assert [lr_factor(s, 5, 80, "cosine") for s in (0, 3, 4)] == pytest.approx([0.2, 0.8, 1.0])
+    assert lr_factor(42, 5, 80, "cosine") == pytest.approx(0.5)
+    assert lr_factor(79, 5, 80, "cosine") == pytest.approx(0.000427, abs=1e-6)
+    assert lr_factor(5, 5, 80, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 76)))
+    assert [lr_factor(s, 5, 80, "constant") for s in (0, 4, 42, 79)] == pytest.approx([0.2, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(0, 5, 80, "linear")
+
+
+def test_u4g_paper_preset_keeps_flow_grpo_s_constant_learning_rate_and_the_toy_decays_it():
+    """Flow-GRPO's train_sd3.py: plain AdamW, no warm-up, no scheduler. The toy stage config (which the preset is a
+    delta over) decays U4G's learning rate, so the preset must say so itself."""
+    paper = compose_cfg(["+experiment=u4g", "data.manifest=m.jsonl", "init_from=w.safetensors"]).stages.u4g.module
+    assert (paper.lr_schedule, paper.warmup_steps) == ("constant", 0)
+    assert compose_cfg([]).stages.u4g.module.lr_schedule == "cosine"
+
+
+@pytest.mark.parametrize("stage", ["u4g", "g4u"])
+def test_an_rl_stage_trains_at_the_cosine_learning_rates_over_its_rollout_batches(tmp_path, stage):
+    """4 rollout batches of 2 updates each (max_steps 8, num_iterations 2), warm-up 1, lr 1e-3: the schedule steps once
+    per rollout batch, so the batches train at 1e-3 x (1, 0.8536, 0.5, 0.1464), 0.5 (1 + cos(pi k / 4)) for k = 0..3,
+    as logged by the learning-rate monitor. A schedule that counted optimizer updates instead (8) would log
+    (1, 0.962, 0.854, 0.691)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fast = U4G_FAST if stage == "u4g" else G4U_FAST
+    cfg = compose_cfg([*fast, f"stages.{stage}.trainer.max_steps=8", f"stages.{stage}.module.num_iterations=2",
+                       f"stages.{stage}.module.warmup_steps=1", f"stages.{stage}.module.lr=1e-3",
+                       f"stages.{stage}.module.lr_schedule=cosine", f"stages.{stage}.trainer.log_every_n_steps=1",
+                       f"stages.{stage}.trainer.val_check_interval=100"])
+    run_pipeline(cfg, tmp_path)
+    ea = EventAccumulator(str(tmp_path / stage / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    lrs = [e.value for e in ea.Scalars("lr-AdamW")]
+    assert lrs == pytest.approx([1e-3, 8.5355e-4, 5e-4, 1.4645e-4], rel=1e-4)
