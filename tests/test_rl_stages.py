@@ -374,12 +374,12 @@ def test_lr_factor_by_hand():
         lr_factor(0, 5, 80, "linear")
 
 
-def test_u4g_paper_preset_keeps_flow_grpo_s_constant_learning_rate_and_the_toy_decays_it():
-    """Flow-GRPO's train_sd3.py: plain AdamW, no warm-up, no scheduler. The toy stage config (which the preset is a
-    delta over) decays U4G's learning rate, so the preset must say so itself."""
+def test_u4g_paper_preset_trains_at_flow_grpo_s_constant_learning_rate_from_the_first_update():
+    """Flow-GRPO's train_sd3.py: plain AdamW, no warm-up, no scheduler. The preset is a delta over the toy's stage
+    config, which warms U4G up over 5 rollout batches, so the preset must say warmup_steps 0 itself."""
     paper = compose_cfg(["+experiment=u4g", "data.manifest=m.jsonl", "init_from=w.safetensors"]).stages.u4g.module
     assert (paper.lr_schedule, paper.warmup_steps) == ("constant", 0)
-    assert compose_cfg([]).stages.u4g.module.lr_schedule == "cosine"
+    assert compose_cfg([]).stages.u4g.module.warmup_steps > 0
 
 
 @pytest.mark.parametrize("stage", ["u4g", "g4u"])
