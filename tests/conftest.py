@@ -45,7 +45,7 @@ def noise_lines(text: str) -> list[str]:
 FAST = [
     "data.train_size=64",
     "data.val_size=8",
-    "stages.u4g.data.val_size=8",  # U4G's own held-out set is 8x data.val_size (conf/stage/u4g.yaml)
+    "stages.u4g.data.val_size=8",  # U4G's own held-out set is 16x data.val_size (conf/stage/u4g.yaml)
     "data.batch_size=8",
     "data.eval_batch_size=8",
     "trainer.log_every_n_steps=1",

@@ -217,15 +217,15 @@ def test_help_is_the_packages_own():
         assert needle in text, needle
 
 
-def test_u4g_measures_on_eight_times_the_held_out_scenes_and_leaves_a_manifest_split_alone():
-    """conf/stage/u4g.yaml: the toy U4G's held-out set is 8x data.val_size, whatever data.val_size is set to (the
-    first eighth is the other stages' set); with a manifest (no val_size) nothing is added."""
+def test_u4g_measures_on_sixteen_times_the_held_out_scenes_and_leaves_a_manifest_split_alone():
+    """conf/stage/u4g.yaml: the toy U4G's held-out set is 16x data.val_size, whatever data.val_size is set to (the
+    first sixteenth is the other stages' set); with a manifest (no val_size) nothing is added."""
     from uae_lightning.runner import _merged
 
-    for overrides, expected in (([], 1024), (["data.val_size=8"], 64)):
+    for overrides, expected in (([], 2048), (["data.val_size=8"], 128)):
         cfg = compose_cfg(overrides)
         assert _merged(cfg.data, cfg.stages.u4g.data).val_size == expected
-        assert _merged(cfg.data, cfg.stages.g4u.data).val_size == expected // 8
+        assert _merged(cfg.data, cfg.stages.g4u.data).val_size == expected // 16
     paper = compose_cfg(["+experiment=u4g", "data.manifest=m.jsonl", "init_from=w.safetensors"])
     assert _merged(paper.data, paper.stages.u4g.data).get("val_size") is None
     # The toy's in-stage curve reads the first 2 held-out batches; the paper preset evaluates its whole split.

@@ -97,7 +97,15 @@ class U4G(UAEStage):
         return fn(x, v, sigma, sigma_next, self.hparams.noise_level, prev_sample=prev_sample,
                   convention=self.hparams.convention)
 
-    def velocity(self, x, sigma, cond, mask, negative):
+    def velocity(self, x, sigma, cond, mask, negative, shared: bool = False):
+        """The (guided) velocity. `shared`: the rows come in groups of G that are the same trajectory so far (the first
+        step with `shared_initial_noise`: one initial latent and one caption per group), so it is computed once per
+        group and repeated; in an update, backward then sums each group's gradients into that one forward."""
+        G = self.hparams.group_size
+        if shared and G > 1 and len(x) % G == 0:
+            neg = None if negative is None else (negative[0][::G], negative[1][::G])
+            v = self.decoder.guided_velocity(x[::G], sigma[::G], cond[::G], mask[::G], self.hparams.guidance_scale, neg)
+            return v.repeat_interleave(G, 0)
         return self.decoder.guided_velocity(x, sigma, cond, mask, self.hparams.guidance_scale, negative)
 
     def heldout_captions(self, images: torch.Tensor, indices: list[int], max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
@@ -141,7 +149,7 @@ class U4G(UAEStage):
         latents, logps = [x], []
         for i in range(h.num_steps):
             s = sigmas[i].expand(n)
-            v = self.velocity(x, s, cond, mask, negative)
+            v = self.velocity(x, s, cond, mask, negative, shared=h.shared_initial_noise and i == 0)
             if i in explored:
                 x, logp, _, _ = self.step(x, v, s, sigmas[i + 1].expand(n))
             else:  # the ODE's Euler step; never trained on, so no log-prob
@@ -187,14 +195,15 @@ class U4G(UAEStage):
                     x, x_next = ro["latents"][sl, j], ro["latents"][sl, j + 1]
                     neg = None if ro["negative"] is None else (ro["negative"][0][sl], ro["negative"][1][sl])
                     s = sig.expand(len(x))
-                    v = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg)
+                    shared = h.shared_initial_noise and j == 0 and lo % h.group_size == 0
+                    v = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg, shared)
                     _, logp, mu, kl_std = self.step(x, v, s, sig_next.expand(len(x)), prev_sample=x_next)
                     loss_s, ratio, clipped = clipped_surrogate(logp, ro["logps"][sl, j], adv[sl], h.clip_range, h.clip_range)
                     loss = loss_s
                     if h.kl_beta > 0:
                         with torch.no_grad():
                             set_adapters_enabled(transformer, False)
-                            v_ref = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg)
+                            v_ref = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg, shared)
                             set_adapters_enabled(transformer, True)
                             mu_ref = self.step(x, v_ref, s, sig_next.expand(len(x)), prev_sample=x_next).mean
                         kl = step_kl(mu, mu_ref, kl_std)
