@@ -183,27 +183,30 @@ def test_u4g_trajectories_of_a_caption_share_their_initial_noise_when_asked(monk
     assert paper.stages.u4g.module.shared_initial_noise is False
 
 
-def test_u4g_computes_a_shared_first_step_once_per_group_with_the_same_velocities_and_gradients(monkeypatch):
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_u4g_computes_a_shared_first_step_once_per_group_with_the_same_velocities_and_gradients(monkeypatch, guidance):
     """With shared_initial_noise a group's G trajectories are one trajectory until the first SDE step, so the rollout
     and the update compute that step's velocity on one row per group and repeat it. The rollout's first DiT call is on
     2 rows (2 images x 3 trajectories), the others on 6; velocities and LoRA gradients equal those computed on all 6
-    rows. Slicing the wrong rows (x[:2] instead of x[::3]), or repeating them in the wrong order (repeat instead of
-    repeat_interleave), changes both; a micro-batch that does not hold whole groups is computed row by row."""
+    rows, without CFG and with it (the negative prompt's rows are sliced too). Slicing the wrong rows (x[:2] instead of
+    x[::3]), or repeating them in the wrong order (repeat instead of repeat_interleave), changes both; a micro-batch
+    that does not hold whole groups is computed row by row."""
     from uae_lightning.models.decoder import Decoder
 
     sizes = []
-
     guided = Decoder.guided_velocity
     monkeypatch.setattr(Decoder, "guided_velocity", lambda self, x, *a, **k: sizes.append(len(x)) or guided(self, x, *a, **k))
-    stage, ro = _u4g_rollout(monkeypatch, ["stages.u4g.module.shared_initial_noise=true", "stages.u4g.module.sde_steps=all"])
+    stage, ro = _u4g_rollout(monkeypatch, ["stages.u4g.module.shared_initial_noise=true", "stages.u4g.module.sde_steps=all",
+                                           f"stages.u4g.module.guidance_scale={guidance}"])
     assert sizes == [2, 6, 6, 6]
+    assert (ro["negative"] is None) == (guidance == 1.0)
     x0, n = ro["latents"][:, 0], 6
     s = ro["sigmas"][0].expand(n)
     lora = [p for p in stage.decoder.transformer.parameters() if p.requires_grad]
     out = {}
     for shared in (True, False):
         sizes.clear()
-        v = stage.velocity(x0, s, ro["cond"], ro["mask"], None, shared)
+        v = stage.velocity(x0, s, ro["cond"], ro["mask"], ro["negative"], shared)
         _, logp, _, _ = stage.step(x0, v, s, ro["sigmas"][1].expand(n), prev_sample=ro["latents"][:, 1])
         # per-row weights, so that a gradient summed over the wrong rows differs
         grads = torch.autograd.grad((logp * torch.arange(1.0, n + 1)).sum(), lora)
@@ -212,7 +215,8 @@ def test_u4g_computes_a_shared_first_step_once_per_group_with_the_same_velocitie
     assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
     assert out[True][1].abs().max() > 0 and torch.allclose(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
     sizes.clear()
-    stage.velocity(x0[:4], s[:4], ro["cond"][:4], ro["mask"][:4], None, True)  # 4 rows: not whole groups of 3
+    neg = None if ro["negative"] is None else (ro["negative"][0][:4], ro["negative"][1][:4])
+    stage.velocity(x0[:4], s[:4], ro["cond"][:4], ro["mask"][:4], neg, True)  # 4 rows: not whole groups of 3
     assert sizes == [4]
 
 
