@@ -122,8 +122,9 @@ def test_u4g_first_inner_update_is_on_policy_at_every_trained_step(tmp_path, mon
     from uae_lightning.stages.u4g import U4G
 
     seen = record_first_update_ratio(monkeypatch, U4G)
+    # The update computes its own forward here (with the rollout's, the ratio is 1 by construction: tested below).
     cfg = compose_cfg([*U4G_FAST, "stages.u4g.trainer.max_steps=2", "stages.u4g.module.kl_beta=0.04",
-                       "stages.u4g.module.train_window=null"])
+                       "stages.u4g.module.train_window=null", "stages.u4g.module.reuse_rollout_forward=false"])
     summary = run_pipeline(cfg, tmp_path)["stages"]["u4g"]
     assert len(seen) == 2 and max(seen) < 1e-5
     assert {"reward_before", "reward_after", "reward_gain_se"} <= set(summary)
@@ -135,6 +136,52 @@ def test_u4g_first_inner_update_is_on_policy_at_every_trained_step(tmp_path, mon
     # int(4 * 0.99) = 3 trained steps, each with its own log-prob, ratio, clip fraction and KL.
     assert {f"timestep_{j:02d}/{k}" for j in range(3) for k in ("logp", "ratio", "clip", "kl")} <= tags
     assert "timestep_03/ratio" not in tags
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_u4g_first_update_reuses_the_rollout_forward_and_trains_the_same(tmp_path, monkeypatch, num_iterations):
+    """reuse_rollout_forward (the toy's default): the rollout keeps the policy's graph at the trained steps, in the
+    update's micro-batches, and the first inner update backpropagates through it instead of a second forward pass;
+    later inner updates (the policy has moved) compute their own. 2 images x 3 trajectories, 4 steps all trained,
+    micro-batches of 4 + 2 rows, KL on: per rollout batch, with grad, 4 steps x 2 slices = 8 DiT passes either way;
+    the reference's 8 passes without grad; the rollout's own 4 passes only when it keeps no graph. The adapter the
+    two runs train agrees. Handing the first update a detached velocity (no gradient from the ratio term), another
+    slice's velocity, or the first iteration's graph to the second fails here."""
+    from safetensors.torch import load_file
+
+    from uae_lightning.models.decoder import Decoder
+    from uae_lightning.stages.u4g import U4G
+
+    calls = []
+    guided = Decoder.guided_velocity
+    monkeypatch.setattr(Decoder, "guided_velocity",
+                        lambda self, x, *a, **k: calls.append((len(x), torch.is_grad_enabled())) or guided(self, x, *a, **k))
+    per_step, trained = {}, {}
+    original = U4G.training_step
+    for reuse in (True, False):
+        def step(self, batch, batch_idx, reuse=reuse):
+            calls.clear()
+            original(self, batch, batch_idx)
+            per_step.setdefault(reuse, []).append(list(calls))
+
+        monkeypatch.setattr(U4G, "training_step", step)
+        cfg = compose_cfg([*U4G_FAST, "stages.u4g.trainer.max_steps=2", "stages.u4g.module.kl_beta=0.04",
+                           f"stages.u4g.module.num_iterations={num_iterations}",
+                           f"stages.u4g.module.reuse_rollout_forward={reuse}"])
+        run_pipeline(cfg, tmp_path / str(reuse))
+        trained[reuse] = load_file(tmp_path / str(reuse) / "u4g" / "weights.safetensors")
+    graph = [(4, True), (2, True)]  # one trained step's policy passes, per micro-batch
+    reference = [(4, False), (2, False)]
+    later = (graph + reference) * 4 * (num_iterations - 1)  # later inner iterations: policy, then reference, per slice
+    reused = graph * 4 + reference * 4 + later
+    recomputed = [(2, False), (6, False), (6, False), (6, False)] + [(4, True), (4, False), (2, True), (2, False)] * 4 + later
+    batches = 2 // num_iterations  # max_steps counts optimizer updates: rollout batches x num_iterations
+    assert [sorted(c) for c in per_step[True]] == [sorted(reused)] * batches
+    assert [sorted(c) for c in per_step[False]] == [sorted(recomputed)] * batches
+    assert trained[True].keys() == trained[False].keys()
+    for k, w in trained[True].items():
+        assert torch.allclose(w, trained[False][k], rtol=1e-4, atol=1e-6), k
+    assert max(w.abs().max() for k, w in trained[True].items() if "lora_B" in k) > 0  # the adapter did train
 
 
 def test_u4g_trained_steps_fraction_and_window():

@@ -6,7 +6,8 @@ Gaussian policy; every latent and log-prob stored; with sde_steps=trained only t
 the others follow the ODE) -> rewards against the source image -> group advantages clipped to
 +-adv_clip -> for each trained step: the clipped ratio objective + beta * KL to the reference (the DiT with its LoRA
 disabled), backward per step (never one graph over all steps), gradients accumulated over steps x samples, then one
-optimizer update per inner iteration.
+optimizer update per inner iteration. With `reuse_rollout_forward` the first inner iteration takes the policy's
+velocities at the trained steps from the rollout itself (their graphs kept), instead of a second forward pass.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ SDE_TYPES = ("sde", "cps")
 # follow the deterministic ODE (Flow-GRPO-Fast, MixGRPO), so a trajectory's reward varies only through the noise of
 # the steps that are trained on.
 SDE_STEPS = ("all", "trained")
+
+
+def rows(negative: tuple[torch.Tensor, torch.Tensor] | None, sl: slice):
+    """The negative prompt's conditioning (or None, without CFG) for the trajectories `sl`."""
+    return None if negative is None else (negative[0][sl], negative[1][sl])
 
 
 class U4G(UAEStage):
@@ -50,6 +56,7 @@ class U4G(UAEStage):
         train_window: tuple[int, int] | None = None,
         sde_steps: str = "all",
         num_iterations: int = 1,
+        reuse_rollout_forward: bool = False,
         guidance_scale: float = 4.5,
         negative_prompt: str = "",
         caption_do_sample: bool = False,
@@ -108,6 +115,10 @@ class U4G(UAEStage):
             return v.repeat_interleave(G, 0)
         return self.decoder.guided_velocity(x, sigma, cond, mask, self.hparams.guidance_scale, negative)
 
+    def micro_batches(self, n: int) -> list[slice]:
+        """The update's slices of a rollout batch's n trajectories."""
+        return [slice(lo, min(lo + self.hparams.micro_batch_size, n)) for lo in range(0, n, self.hparams.micro_batch_size)]
+
     def heldout_captions(self, images: torch.Tensor, indices: list[int], max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
         """U4G never changes the captioner, so a held-out image's greedy caption is the same at every evaluation: it is
         generated at the first one (the starting point) and reused by the evaluations during training and the final
@@ -123,7 +134,9 @@ class U4G(UAEStage):
 
     # ---- rollout ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, batch: dict) -> dict:
+    def rollout(self, batch: dict, keep_graphs: bool = False) -> dict:
+        """G trajectories per image, their log-probs and rewards. `keep_graphs`: the policy's velocity at each trained
+        step keeps its autograd graph (returned as `velocities`), for an update whose policy has not changed since."""
         h, G = self.hparams, self.hparams.group_size
         images = batch["images"]
         caps = self.encoder.caption(images, do_sample=h.caption_do_sample, temperature=h.caption_temperature,
@@ -146,10 +159,19 @@ class U4G(UAEStage):
             x = torch.randn(n, self.decoder.latent_channels, size, size, device=self.device)
         sigmas = self.decoder.sigmas(h.num_steps, self.device)
         explored = set(self.trained_steps()) if h.sde_steps == "trained" else set(range(h.num_steps))
-        latents, logps = [x], []
+        graphed = set(self.trained_steps()) if keep_graphs else set()
+        latents, logps, velocities = [x], [], {}
         for i in range(h.num_steps):
             s = sigmas[i].expand(n)
-            v = self.velocity(x, s, cond, mask, negative, shared=h.shared_initial_noise and i == 0)
+            if i in graphed:  # as the update will slice it: per micro-batch, each slice its own graph
+                with torch.enable_grad():
+                    for sl in self.micro_batches(n):
+                        velocities[i, sl.start] = self.velocity(
+                            x[sl], s[sl], cond[sl], mask[sl], rows(negative, sl),
+                            shared=h.shared_initial_noise and i == 0 and sl.start % G == 0)
+                v = torch.cat([velocities[i, sl.start].detach() for sl in self.micro_batches(n)])
+            else:
+                v = self.velocity(x, s, cond, mask, negative, shared=h.shared_initial_noise and i == 0)
             if i in explored:
                 x, logp, _, _ = self.step(x, v, s, sigmas[i + 1].expand(n))
             else:  # the ODE's Euler step; never trained on, so no log-prob
@@ -160,7 +182,7 @@ class U4G(UAEStage):
         rewards = self.reward.score(recon, images.repeat_interleave(G, 0))
         return {"texts": texts, "cond": cond, "mask": mask, "negative": negative, "sigmas": sigmas,
                 "latents": torch.stack(latents, 1), "logps": torch.stack(logps, 1), "rewards": rewards, "recon": recon,
-                "captions": caps.texts}
+                "captions": caps.texts, "velocities": velocities}
 
     # ---- update ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -168,7 +190,7 @@ class U4G(UAEStage):
             return
         h = self.hparams
         with self.timed("rollouts"):
-            ro = self.rollout(batch)
+            ro = self.rollout(batch, keep_graphs=h.reuse_rollout_forward)
         if not self.finite_or_skip(ro["rewards"], "reward", h.max_nonfinite_in_a_row):
             return
         # Flow-GRPO: population std per group, or of the whole batch over all ranks (`global_std`); clipped; samples
@@ -190,13 +212,15 @@ class U4G(UAEStage):
             total = 0.0
             for j in steps:
                 sig, sig_next = ro["sigmas"][j], ro["sigmas"][j + 1]
-                for lo in range(0, n, h.micro_batch_size):
-                    sl = slice(lo, min(lo + h.micro_batch_size, n))
+                for sl in self.micro_batches(n):
                     x, x_next = ro["latents"][sl, j], ro["latents"][sl, j + 1]
-                    neg = None if ro["negative"] is None else (ro["negative"][0][sl], ro["negative"][1][sl])
+                    neg = rows(ro["negative"], sl)
                     s = sig.expand(len(x))
-                    shared = h.shared_initial_noise and j == 0 and lo % h.group_size == 0
-                    v = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg, shared)
+                    shared = h.shared_initial_noise and j == 0 and sl.start % h.group_size == 0
+                    if it == 0 and (j, sl.start) in ro["velocities"]:  # the policy that sampled: the rollout's pass
+                        v = ro["velocities"].pop((j, sl.start))
+                    else:
+                        v = self.velocity(x, s, ro["cond"][sl], ro["mask"][sl], neg, shared)
                     _, logp, mu, kl_std = self.step(x, v, s, sig_next.expand(len(x)), prev_sample=x_next)
                     loss_s, ratio, clipped = clipped_surrogate(logp, ro["logps"][sl, j], adv[sl], h.clip_range, h.clip_range)
                     loss = loss_s
