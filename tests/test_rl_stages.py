@@ -454,8 +454,33 @@ def test_lr_factor_by_hand():
     assert lr_factor(79, 5, 80, "cosine") == pytest.approx(0.000427, abs=1e-6)
     assert lr_factor(5, 5, 80, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 76)))
     assert [lr_factor(s, 5, 80, "constant") for s in (0, 4, 42, 79)] == pytest.approx([0.2, 1.0, 1.0, 1.0])
+    # Linear from the same peak: 1 - p, so 0.5 at update 42 and 1/76 at the last.
+    assert [lr_factor(s, 5, 80, "linear") for s in (0, 4, 42, 79)] == pytest.approx([0.2, 1.0, 0.5, 1 / 76])
     with pytest.raises(ValueError, match="lr_schedule"):
-        lr_factor(0, 5, 80, "linear")
+        lr_factor(0, 5, 80, "exponential")
+
+
+def test_g4u_paper_preset_decays_the_learning_rate_as_trl_s_grpo_does():
+    """TRL's GRPOConfig changes only the learning rate's default, so its schedule is TrainingArguments': linear to 0
+    over max_steps, no warm-up. The preset says so itself (the toy's stage config warms up and stays constant), and
+    its factors at each update are those of transformers' get_linear_schedule_with_warmup(0, T)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from uae_lightning.stages.base import lr_factor
+
+    paper = compose_cfg(["+experiment=g4u", "data.manifest=m.jsonl", "init_from=w.safetensors"]).stages.g4u.module
+    assert (paper.lr_schedule, paper.warmup_steps) == ("linear", 0)
+    toy = compose_cfg([]).stages.g4u.module
+    assert (toy.lr_schedule, toy.warmup_steps > 0) == ("constant", True)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, 7)
+    reference = []
+    for _ in range(7):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert reference == pytest.approx([(7 - s) / 7 for s in range(7)])
+    assert [lr_factor(s, paper.warmup_steps, 7, paper.lr_schedule) for s in range(7)] == pytest.approx(reference)
 
 
 def test_u4g_paper_preset_trains_at_flow_grpo_s_constant_learning_rate_from_the_first_update():

@@ -13,7 +13,7 @@ WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
 SIGMA_SAMPLINGS = ("scheduler", "density")
 CONVENTIONS = ("flow_grpo", "gaussian")
 ADVANTAGE_SCALES = ("group", "batch", "none")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 LOSS_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 TOY_BACKBONES = ("toy_pixels", "toy_regions", "toy_palette", "toy_objects")
 # The paper's Unified-Bench backbones: short name -> hub id. Config `backbone_sources` (conf/config.yaml) says where

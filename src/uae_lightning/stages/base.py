@@ -38,15 +38,18 @@ def _as_tuples(x):
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """The learning rate of update `step` (0-based) over the configured one: a linear warm-up to 1 at update
-    `warmup_steps` - 1 (the first update already trains, at 1 / warmup_steps); then `constant` stays at 1 and `cosine`
-    falls as 0.5 (1 + cos(pi p)), p = (step + 1 - warmup) / (total + 1 - warmup), so that it is 0.5 half-way through the
-    decay and every update, the last included, still trains."""
+    `warmup_steps` - 1 (the first update already trains, at 1 / warmup_steps); then `constant` stays at 1, `linear`
+    falls as 1 - p and `cosine` as 0.5 (1 + cos(pi p)), p = (step + 1 - warmup) / (total + 1 - warmup), so that both are
+    0.5 half-way through the decay and every update, the last included, still trains. Without a warm-up, `linear` is
+    transformers' get_linear_schedule_with_warmup (TRL's default): (total - step) / total."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r}; expected one of {LR_SCHEDULES}")
     warm = max(1, warmup_steps)
     if step + 1 < warm or schedule == "constant":
         return min(1.0, (step + 1) / warm)
     progress = min(1.0, (step + 1 - warm) / max(1, total_steps + 1 - warm))
+    if schedule == "linear":
+        return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
