@@ -110,10 +110,16 @@ class U4G(UAEStage):
         group and repeated; in an update, backward then sums each group's gradients into that one forward."""
         G = self.hparams.group_size
         if shared and G > 1 and len(x) % G == 0:
-            neg = None if negative is None else (negative[0][::G], negative[1][::G])
-            v = self.decoder.guided_velocity(x[::G], sigma[::G], cond[::G], mask[::G], self.hparams.guidance_scale, neg)
+            one = slice(None, None, G)
+            v = self.decoder.guided_velocity(x[one], sigma[one], cond[one], mask[one], self.hparams.guidance_scale,
+                                             rows(negative, one))
             return v.repeat_interleave(G, 0)
         return self.decoder.guided_velocity(x, sigma, cond, mask, self.hparams.guidance_scale, negative)
+
+    def shared_step(self, i: int, start: int = 0) -> bool:
+        """Whether denoising step i of the rows from `start` on is one trajectory per group (`velocity`'s `shared`):
+        the first step with `shared_initial_noise`, in a slice that begins at a group's first row."""
+        return self.hparams.shared_initial_noise and i == 0 and start % self.hparams.group_size == 0
 
     def micro_batches(self, n: int) -> list[slice]:
         """The update's slices of a rollout batch's n trajectories."""
@@ -160,18 +166,18 @@ class U4G(UAEStage):
         sigmas = self.decoder.sigmas(h.num_steps, self.device)
         explored = set(self.trained_steps()) if h.sde_steps == "trained" else set(range(h.num_steps))
         graphed = set(self.trained_steps()) if keep_graphs else set()
+        slices = self.micro_batches(n)
         latents, logps, velocities = [x], [], {}
         for i in range(h.num_steps):
             s = sigmas[i].expand(n)
             if i in graphed:  # as the update will slice it: per micro-batch, each slice its own graph
                 with torch.enable_grad():
-                    for sl in self.micro_batches(n):
-                        velocities[i, sl.start] = self.velocity(
-                            x[sl], s[sl], cond[sl], mask[sl], rows(negative, sl),
-                            shared=h.shared_initial_noise and i == 0 and sl.start % G == 0)
-                v = torch.cat([velocities[i, sl.start].detach() for sl in self.micro_batches(n)])
+                    for sl in slices:
+                        velocities[i, sl.start] = self.velocity(x[sl], s[sl], cond[sl], mask[sl], rows(negative, sl),
+                                                                self.shared_step(i, sl.start))
+                v = torch.cat([velocities[i, sl.start].detach() for sl in slices])
             else:
-                v = self.velocity(x, s, cond, mask, negative, shared=h.shared_initial_noise and i == 0)
+                v = self.velocity(x, s, cond, mask, negative, self.shared_step(i))
             if i in explored:
                 x, logp, _, _ = self.step(x, v, s, sigmas[i + 1].expand(n))
             else:  # the ODE's Euler step; never trained on, so no log-prob
@@ -216,7 +222,7 @@ class U4G(UAEStage):
                     x, x_next = ro["latents"][sl, j], ro["latents"][sl, j + 1]
                     neg = rows(ro["negative"], sl)
                     s = sig.expand(len(x))
-                    shared = h.shared_initial_noise and j == 0 and sl.start % h.group_size == 0
+                    shared = self.shared_step(j, sl.start)
                     if it == 0 and (j, sl.start) in ro["velocities"]:  # the policy that sampled: the rollout's pass
                         v = ro["velocities"].pop((j, sl.start))
                     else:
